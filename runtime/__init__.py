@@ -1,0 +1,3 @@
+"""diffrt: an inference runtime and benchmark suite for diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""The sampler registry and the two phases every sampler has.
+
+``prepare`` does all host-side math (float64 numpy) and uploads per-step coefficients to the sample's device
+once; ``run`` is the loop, which only indexes those tensors and calls the denoiser: no ``.item()``, no
+``.cpu()``, no branching on tensor values, so the whole loop can be captured as one CUDA graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..schedules import Grid, validate_grid
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The grid on the sample's device, in the compute dtype."""
+
+    alphas: torch.Tensor
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return self.alphas.numel() - 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a sampler loop needs: levels and coefficient tensors on the device, static host-side facts."""
+
+    name: str
+    levels: Levels
+    coefs: dict[str, torch.Tensor]  # name -> [steps, ...] tensor on the device
+    static: dict[str, Any] = field(default_factory=dict)  # python lists: orders, which steps add noise, ...
+    noise_dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    plan: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]  # (host arrays, **options) -> coefs, static
+    loop: Callable[..., torch.Tensor]  # (denoiser, x, plan, generator) -> x
+    stochastic: bool
+    summary: str
+
+    def options(self) -> list[str]:
+        params = inspect.signature(self.plan).parameters
+        return [p for p in params if p != "host"] + (["noise_dtype"] if self.stochastic else [])
+
+
+_REGISTRY: dict[str, Sampler] = {}
+
+
+def register(name: str, plan, loop, *, stochastic: bool = False, summary: str = "") -> None:
+    _REGISTRY[name] = Sampler(name, plan, loop, stochastic, summary)
+
+
+def available() -> list[str]:
+    """Names of all samplers, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Sampler:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+@dataclass(frozen=True)
+class HostGrid:
+    """The grid as float64 numpy arrays, with log-SNR, for the planning phase."""
+
+    alphas: np.ndarray
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+    log_snr: np.ndarray
+    kind: str
+
+    @property
+    def steps(self) -> int:
+        return self.alphas.size - 1
+
+    @classmethod
+    def of(cls, grid: Grid) -> HostGrid:
+        a, s, t = (getattr(grid, k).detach().cpu().numpy().astype(np.float64) for k in ("alphas", "sigmas", "timesteps"))
+        with np.errstate(divide="ignore"):
+            lam = np.log(a) - np.log(s)
+        return cls(a, s, t, lam, grid.kind)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Steps run in float32, or float64 when the sample is float64, whatever the model's dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def prepare(name: str, grid: Grid, device, dtype: torch.dtype, **options) -> Plan:
+    """Validate and plan a run of sampler ``name`` on ``grid``: host math once, coefficients uploaded once."""
+    sampler = get(name)
+    if not isinstance(grid, Grid):
+        raise ValueError(f"grid must be a diffrt.schedules.Grid, got {type(grid).__name__}")
+    validate_grid(grid)
+    allowed = sampler.options()
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"option(s) {unknown} do not apply to sampler {name!r}; its options: {allowed or 'none'}"
+        )
+    noise_dtype = options.pop("noise_dtype", None)
+    if noise_dtype is not None and noise_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"noise_dtype must be torch.float32 or torch.float64, got {noise_dtype}")
+    host = HostGrid.of(grid)
+    coefs, static = sampler.plan(host, **options)
+    for key, value in coefs.items():
+        if not np.isfinite(value).all():
+            raise ValueError(
+                f"sampler {name!r} is undefined on this grid (non-finite {key!r} coefficients); "
+                "a grid that starts at alpha 0 (flow grids) needs a sampler that supports it (euler, dpmpp_2m, ...)"
+            )
+    levels = Levels(*(getattr(grid, k).to(device=device, dtype=dtype) for k in ("alphas", "sigmas", "timesteps")))
+    tensors = {k: torch.as_tensor(v, dtype=dtype).to(device) for k, v in coefs.items()}
+    return Plan(name, levels, tensors, static, noise_dtype)
+
+
+def run(plan: Plan, denoiser, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integrate from x at the plan's first level to its last level; x must be in the plan's dtype."""
+    return get(plan.name).loop(denoiser, x, plan, generator)
+
+
+def sample(name: str, denoiser, x: torch.Tensor, grid: Grid, *, generator=None, **options) -> torch.Tensor:
+    """Integrate from the state ``x`` at the grid's first level to its last level (the clean end).
+
+    ``x`` is the starting state (``noise * grid.init_scale`` for a fresh sample). Steps compute in float32
+    (float64 for a float64 ``x``); the result has x's dtype.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__}")
+    dtype = compute_dtype(x)
+    plan = prepare(name, grid, x.device, dtype, **options)
+    return run(plan, denoiser, x.to(dtype), generator).to(x.dtype)
+
+
+def denoise(denoiser, x: torch.Tensor, levels: Levels, i: int) -> torch.Tensor:
+    """One model evaluation at level i, returned in x's dtype."""
+    return denoiser(x, levels.alphas[i], levels.sigmas[i], levels.timesteps[i]).to(x.dtype)
+
+
+def noise_like(x: torch.Tensor, plan: Plan, generator: torch.Generator | None) -> torch.Tensor:
+    dtype = plan.noise_dtype or x.dtype
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(x.dtype)
