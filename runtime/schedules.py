@@ -147,7 +147,11 @@ def _check_steps(n: int) -> None:
 
 
 def vp_timesteps(T: int, n: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
-    """Integer model timesteps of an n-step run, highest first, as diffusers' DDIM/DPM-Solver/UniPC space them."""
+    """Integer model timesteps of an n-step run, highest first, as diffusers spaces them.
+
+    "leading" follows DDIMScheduler (SD's original spacing: multiples of T // n, plus ``steps_offset``);
+    "trailing" and "linspace" follow DPMSolverMultistepScheduler and UniPCMultistepScheduler.
+    """
     _check_steps(n)
     if n > T:
         raise ValueError(f"cannot take {n} steps on a schedule of {T} timesteps")
@@ -195,7 +199,9 @@ def vp_grid(
             s = _karras(lo, hi, n, rho)
         else:
             s = torch.linspace(math.log(hi), math.log(lo), n, dtype=torch.float64).exp()
-        t = schedule.timestep_for(s).round()
+        t = schedule.timestep_for(s)
+        if sigmas == "karras":  # diffusers rounds karras timesteps but not exponential ones
+            t = t.round()
         alpha = 1 / (1 + s**2).sqrt()
         sigma = s * alpha
     return Grid(

@@ -89,7 +89,9 @@ class HostGrid:
 
     @classmethod
     def of(cls, grid: Grid) -> HostGrid:
-        a, s, t = (getattr(grid, k).detach().cpu().numpy().astype(np.float64) for k in ("alphas", "sigmas", "timesteps"))
+        a, s, t = (
+            getattr(grid, k).detach().cpu().numpy().astype(np.float64) for k in ("alphas", "sigmas", "timesteps")
+        )
         with np.errstate(divide="ignore"):
             lam = np.log(a) - np.log(s)
         return cls(a, s, t, lam, grid.kind)
