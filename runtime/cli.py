@@ -17,9 +17,89 @@ def _add_bench(subparsers) -> None:
     bench_samplers.add_arguments(kinds.add_parser("samplers", help="sampler quality against NFE"))
 
 
+DEFAULT_MODEL = "tiny"
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="text-to-image: write one PNG (a grid when -n > 1)")
+    p.add_argument("prompt")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="preset name or a local diffusers folder")
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--sampler", default=None, help="default: the model's; see `diffrt samplers`")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", "--num-images", type=int, default=1)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--image", default=None, help="input picture for image-to-image / inpainting")
+    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
+    p.add_argument("-o", "--out", default="out.png")
+    p.set_defaults(run=_generate)
+
+
+def _generate(args) -> int:
+    from pathlib import Path
+
+    from . import load
+
+    images = {}
+    for key in ("image", "mask"):
+        if getattr(args, key):
+            from PIL import Image
+
+            path = Path(getattr(args, key))
+            if not path.is_file():
+                raise FileNotFoundError(f"--{key} {path}: no such file")
+            images[key] = Image.open(path)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    result = pipe(
+        args.prompt, args.negative, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
+        num_images=args.num_images, height=args.height, width=args.width, image=images.get("image"),
+        mask_image=images.get("mask"), strength=args.strength,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(result).save(out)
+    print(pipe.stages.summary())
+    print(f"wrote {out} ({len(result)} image(s), seeds {pipe.last_seeds})")
+    return 0
+
+
+def image_grid(images):
+    """Tile PIL images into one roughly square grid."""
+    from PIL import Image
+
+    cols = 1
+    while cols * cols < len(images):
+        cols += 1
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for k, im in enumerate(images):
+        grid.paste(im, ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+def _samplers(args) -> int:
+    from . import samplers
+
+    for name in samplers.available():
+        sampler = samplers.get(name)
+        options = ", ".join(sampler.options()) or "-"
+        print(f"{name:16s} {sampler.summary}  [options: {options}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffrt", description="diffusion inference runtime and benchmarks")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_generate(subparsers)
+    subparsers.add_parser("samplers", help="list the samplers and their options").set_defaults(run=_samplers)
     _add_bench(subparsers)
     return parser
 
@@ -27,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError) as err:

@@ -130,8 +130,13 @@ def prepare(name: str, grid: Grid, device, dtype: torch.dtype, **options) -> Pla
     return Plan(name, levels, tensors, static, noise_dtype)
 
 
-def run(plan: Plan, denoiser, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integrate from x at the plan's first level to its last level; x must be in the plan's dtype."""
+def run(plan: Plan, denoiser, x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Integrate from x at the plan's first level to its last level; x must be in the plan's dtype.
+
+    ``generator``: a torch.Generator on x's device, a list of them (one per batch item), or None.
+    """
+    if isinstance(generator, list | tuple) and len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; give one per item")
     return get(plan.name).loop(denoiser, x, plan, generator)
 
 
@@ -153,6 +158,11 @@ def denoise(denoiser, x: torch.Tensor, levels: Levels, i: int) -> torch.Tensor:
     return denoiser(x, levels.alphas[i], levels.sigmas[i], levels.timesteps[i]).to(x.dtype)
 
 
-def noise_like(x: torch.Tensor, plan: Plan, generator: torch.Generator | None) -> torch.Tensor:
+def noise_like(x: torch.Tensor, plan: Plan, generator) -> torch.Tensor:
+    """Standard normal noise shaped like x. ``generator`` may be a list with one generator per batch item,
+    so that item k's randomness does not depend on the rest of the batch."""
     dtype = plan.noise_dtype or x.dtype
+    if isinstance(generator, list | tuple):
+        parts = [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=dtype) for g in generator]
+        return torch.stack(parts).to(x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(x.dtype)

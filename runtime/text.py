@@ -1,0 +1,59 @@
+"""Prompt tokenization: fixed-length padding, truncation with a warning, and the presets' tokenizer."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_MAX_LENGTH = 77
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols byte-level BPE tokenizers (GPT-2, CLIP) use for the 256 byte values."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def character_clip_tokenizer(vocab_size: int = CLIP_VOCAB_SIZE, max_length: int = CLIP_MAX_LENGTH):
+    """A real ``CLIPTokenizer`` with CLIP's special tokens, vocabulary size and padding, but no merges.
+
+    It splits text into bytes instead of CLIP's learned subwords (CLIP's vocabulary file cannot be fetched
+    here), so the text encoder sees the same shapes and does the same compute as with CLIP's own tokenizer.
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    if vocab_size < len(vocab) + 2:
+        raise ValueError(f"vocab_size must be >= {len(vocab) + 2}, got {vocab_size}")
+    for i in range(len(vocab), vocab_size - 2):
+        vocab[f"<|unused{i}|>"] = i
+    vocab["<|startoftext|>"] = vocab_size - 2
+    vocab["<|endoftext|>"] = vocab_size - 1
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """Token ids padded to the encoder's length; longer prompts are truncated with a warning."""
+    max_length = max_length or tokenizer.model_max_length
+    full = tokenizer(prompts, padding=False, truncation=False).input_ids
+    for prompt, ids in zip(prompts, full, strict=True):
+        if len(ids) > max_length:
+            log.warning(
+                "prompt is longer than the text encoder's %d tokens: %d tokens dropped (%r...)",
+                max_length,
+                len(ids) - max_length,
+                prompt[:40],
+            )
+    batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return batch.input_ids
