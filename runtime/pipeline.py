@@ -32,17 +32,14 @@ class StageTimes:
     """Wall times (ms) of the last call's stages: the numbers ``diffrt generate`` prints."""
 
     text_encode_ms: float = 0.0
-    unet_calls_ms: list[float] = field(default_factory=list)  # one per U-Net evaluation, in order
+    unet_calls_ms: list[float] = field(default_factory=list)  # one per U-Net call; empty for a CUDA graph
+    denoise_ms: float = 0.0  # the whole sampling loop, U-Net calls and sampler updates
     vae_encode_ms: float = 0.0
     vae_decode_ms: float = 0.0
     total_ms: float = 0.0
 
-    @property
-    def denoise_ms(self) -> float:
-        return sum(self.unet_calls_ms)
-
     def summary(self) -> str:
-        steps = ", ".join(f"{t:.1f}" for t in self.unet_calls_ms)
+        steps = ", ".join(f"{t:.1f}" for t in self.unet_calls_ms) if self.unet_calls_ms else "one CUDA graph"
         lines = [f"text encoding   {self.text_encode_ms:9.1f} ms"]
         if self.vae_encode_ms:
             lines.append(f"vae encode      {self.vae_encode_ms:9.1f} ms")
@@ -267,39 +264,21 @@ class Pipeline:
                         req.width // self.vae_scale_factor)  # fmt: skip
         noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(self.device)
 
-        image_latents = None
+        image_latents, marks = None, []
         t_vae_in = clock.mark()
         if req.image is not None:
             image_latents = self._encode_image(req.image)
         t_vae_out = clock.mark()
         grid, x = self._start(grid, noise, image_latents, req)
 
-        model = self._guided_model(cond, uncond, req)
         repaint = None if req.mask is None else self._latent_mask(req.mask)
-        if repaint is not None and self.components.inpainting_unet:
-            model = self._inpainting_model(model, req, repaint)
-            repaint = None  # the inpainting U-Net sees the mask itself; no blending
-        denoiser = self._denoiser(model, repaint, image_latents)
-        marks = []
-
-        def timed(x, alpha, sigma, t):
-            marks.append(clock.mark())
-            out = denoiser(x, alpha, sigma, t)
-            marks.append(clock.mark())
-            bar.update(1)
-            return out
-
         plan = samplers.prepare(name, grid, self.device, torch.float32, **options)
-        step_generators = [
-            torch.Generator(self.device).manual_seed((s + _STEP_SEED_OFFSET) % 2**63) for s in req.seeds
-        ]
-        from tqdm.auto import tqdm
-
-        calls = grid.steps + sum(plan.static.get("second", []))
-        with tqdm(total=calls, desc="denoising", disable=not req.progress, leave=False) as bar:
-            x = samplers.run(plan, timed, x.to(torch.float32), step_generators)
-        if repaint is not None:
-            x = repaint * x + (1 - repaint) * image_latents
+        x = x.to(torch.float32)
+        graphs = getattr(self.backend, "loop_graphs", None)
+        if graphs is not None and not samplers.get(name).stochastic:
+            x = self._denoise_captured(graphs, plan, x, cond, uncond, req, repaint, image_latents)
+        else:
+            x = self._denoise_eager(plan, x, cond, uncond, req, repaint, image_latents, clock, marks)
         t_denoised = clock.mark()
 
         result = x if req.output_type == "latent" else self._decode(x)
@@ -312,15 +291,69 @@ class Pipeline:
         times.text_encode_ms = clock.ms(t_start, t_encoded)
         times.vae_encode_ms = clock.ms(t_vae_in, t_vae_out) if req.image is not None else 0.0
         times.unet_calls_ms = [clock.ms(a, b) for a, b in zip(marks[::2], marks[1::2], strict=True)]
+        times.denoise_ms = clock.ms(t_vae_out, t_denoised)
         times.vae_decode_ms = clock.ms(t_denoised, t_end) if req.output_type != "latent" else 0.0
         times.total_ms = clock.ms(t_start, t_end)
         self.stages, self.last_seeds = times, list(req.seeds)
         return _convert(result, req.output_type)
 
+    def _make_denoiser(self, cond, uncond, req: _Request, repaint, image_latents):
+        model = self._guided_model(cond, uncond, req)
+        if repaint is not None and self.components.inpainting_unet:
+            model = self._inpainting_model(model, req, repaint)
+            repaint = None  # the inpainting U-Net sees the mask itself; no blending
+        return self._denoiser(model, repaint, image_latents), repaint
+
+    def _denoise_eager(self, plan, x, cond, uncond, req: _Request, repaint, image_latents, clock, marks):
+        """Run the loop step by step, timing each U-Net call (events on CUDA: no syncs) with a progress bar."""
+        from tqdm.auto import tqdm
+
+        denoiser, blend = self._make_denoiser(cond, uncond, req, repaint, image_latents)
+        step_generators = [
+            torch.Generator(self.device).manual_seed((s + _STEP_SEED_OFFSET) % 2**63) for s in req.seeds
+        ]
+        calls = plan.levels.steps + sum(plan.static.get("second", []))
+        with tqdm(total=calls, desc="denoising", disable=not req.progress, leave=False) as bar:
+
+            def timed(x, alpha, sigma, t):
+                marks.append(clock.mark())
+                out = denoiser(x, alpha, sigma, t)
+                marks.append(clock.mark())
+                bar.update(1)
+                return out
+
+            x = samplers.run(plan, timed, x, step_generators)
+        return x if blend is None else blend * x + (1 - blend) * image_latents
+
+    def _denoise_captured(self, graphs, plan, x, cond, uncond, req: _Request, repaint, image_latents):
+        """The whole loop as one CUDA graph per setting (no per-step timings: the steps run as one launch)."""
+        inputs = {"x": x, **{"cond." + k: v for k, v in cond.items()}}
+        if uncond is not None:
+            inputs.update({"uncond." + k: v for k, v in uncond.items()})
+        if repaint is not None:
+            inputs.update(repaint=repaint, image_latents=image_latents)
+
+        def loop(**buffers):
+            def part(prefix):
+                return {k[len(prefix) :]: v for k, v in buffers.items() if k.startswith(prefix)} or None
+
+            denoiser, blend = self._make_denoiser(
+                part("cond."), part("uncond."), req, buffers.get("repaint"), buffers.get("image_latents")
+            )
+            out = samplers.run(plan, denoiser, buffers["x"])
+            return out if blend is None else blend * out + (1 - blend) * buffers["image_latents"]
+
+        key = (
+            plan.name, repr(sorted(req.sampler_options.items())), tuple(plan.levels.alphas.tolist()),
+            tuple(plan.levels.timesteps.tolist()), req.guidance, req.guidance_rescale,
+            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())),
+        )  # fmt: skip
+        return graphs.run(key, loop, inputs)
+
     def _encode(self, req: _Request):
         """Conditioning for the prompts and, when guidance is on, the negative prompts."""
         cond = self._encode_prompts(req.prompts, req)
-        if not _guidance_on(req.guidance):
+        if not _guidance_on(req.guidance) or self.components.unet.config.get("time_cond_proj_dim"):
             return cond, None
         if req.negatives is None and self.components.family == "sdxl":
             # SDXL was trained with zeroed embeddings for empty prompts (force_zeros_for_empty_prompt)
@@ -369,19 +402,19 @@ class Pipeline:
         return grid, alpha * image_latents + sigma * noise
 
     def _guided_model(self, cond, uncond, req: _Request):
-        components = self.components
-
         def unet(x, t, conditioning):
             inputs = dict(conditioning)
             inputs["timestep"] = t.to(torch.float32).expand(x.shape[0])
             return self.backend.run("unet", sample=x.to(self.dtype), **inputs)["out"]
 
+        embed_dim = self.components.unet.config.get("time_cond_proj_dim")
+        if embed_dim:  # guidance-distilled (LCM) U-Nets take the scale as an embedding: one pass, no CFG
+            w = guidance_embedding(req.guidance, embed_dim, cond["encoder_hidden_states"])
+            cond = {**cond, "timestep_cond": w.expand(cond["encoder_hidden_states"].shape[0], -1)}
+            return lambda x, t: unet(x, t, cond)
         if not _guidance_on(req.guidance):
             uncond = None
-        guided = denoisers.guided_model(unet, cond, uncond, req.guidance, req.guidance_rescale)
-        if components.unet.config.get("time_cond_proj_dim"):
-            raise ValueError("guidance-embedded U-Nets (time_cond_proj_dim) are not supported yet")
-        return guided
+        return denoisers.guided_model(unet, cond, uncond, req.guidance, req.guidance_rescale)
 
     def _inpainting_model(self, model, req: _Request, repaint: torch.Tensor):
         """A 9-channel inpainting U-Net takes [latents, mask, latents of the image with the hole blanked]."""
@@ -463,6 +496,16 @@ def load_pipeline(source, *, device=None, dtype=None, backend="torch", vae_preci
     components = load_components(source, dtype=dtype)
     runner = backends.create(backend, components, device, dtype, **backend_options)
     return Pipeline(components, runner, device, dtype, vae_precision=vae_precision)
+
+
+def guidance_embedding(guidance: float, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal embedding of (guidance - 1) * 1000, as guidance-distilled LCM U-Nets were trained with."""
+    w = (guidance - 1.0) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = torch.cat([torch.sin(w * freqs), torch.cos(w * freqs)])
+    emb = torch.nn.functional.pad(emb, (0, dim % 2))
+    return emb[None].to(device=like.device, dtype=like.dtype)
 
 
 def _guidance_on(guidance: float) -> bool:

@@ -152,3 +152,14 @@ def test_fp16_vae_falls_back_to_float32_on_overflow(tiny):
     pipe = Pipeline(tiny.components, Overflowing(), torch.device("cpu"), torch.float16)
     out = pipe._decode(torch.zeros(1, 4, 1, 1))
     assert torch.isfinite(out).all() and pipe.backend.upcast
+
+
+def test_guidance_embedding_matches_diffusers_lcm_pipeline():
+    from diffusers import LatentConsistencyModelPipeline
+
+    from diffrt.pipeline import guidance_embedding
+
+    for dim in (256, 7):
+        ours = guidance_embedding(8.5, dim, torch.zeros(1))
+        theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([7.5]), dim)
+        torch.testing.assert_close(ours, theirs)

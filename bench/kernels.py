@@ -1,0 +1,367 @@
+"""``diffrt bench kernels``: the Triton kernels against torch on a CUDA GPU, at SD1.5 and SDXL shapes.
+
+* GroupNorm + SiLU: effective bandwidth in GB/s (bytes = one read of x + one write of y) for
+  :func:`diffrt.kernels.group_norm` with ``activation="silu"``, for torch's ``F.group_norm`` followed by
+  ``F.silu``, and for a device-to-device ``copy_`` of the same tensor (the same bytes moved: the practical
+  bandwidth ceiling).
+* Attention: TFLOP/s (``4 * B * H * Lq * Lk * D``, the two matmuls) for :func:`diffrt.kernels.attention`
+  and ``F.scaled_dot_product_attention``, on the ``[B, L, H, D]``-strided views diffusers passes.
+
+Timing: CUDA events around single calls, the L2 cache flushed (a 256 MiB write) before each call, the
+candidates of one shape interleaved call by call (order alternating between repeats) after a warm-up, and
+the median over repeats reported.  Outputs are checked against torch first (``max_abs_err``).
+
+The result is JSON ``{"schema": 1, "kind": "kernels", "env": ..., "settings": ..., "metrics": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# [N, C, H, W] GroupNorm inputs (32 groups) and (B, H, Lq, Lk, D) attention problems, batch 2 = CFG.
+GROUP_NORM_SHAPES = {
+    "sd15": [  # SD1.5 at 512 px: U-Net latents 64x64, VAE decoder up to 512x512
+        (2, 320, 64, 64),
+        (2, 640, 32, 32),
+        (2, 1280, 16, 16),
+        (2, 1280, 8, 8),
+        (2, 960, 64, 64),
+        (1, 512, 64, 64),
+        (1, 512, 256, 256),
+        (1, 256, 512, 512),
+        (1, 128, 512, 512),
+    ],
+    "sdxl": [  # SDXL at 1024 px: U-Net latents 128x128, VAE decoder up to 1024x1024
+        (2, 320, 128, 128),
+        (2, 640, 64, 64),
+        (2, 1280, 32, 32),
+        (2, 960, 128, 128),
+        (2, 2560, 32, 32),
+        (1, 512, 128, 128),
+        (1, 512, 512, 512),
+        (1, 256, 1024, 1024),
+        (1, 128, 1024, 1024),
+    ],
+}
+ATTENTION_SHAPES = {
+    "sd15": [  # 8 heads, head dims 40 / 80 / 160, text length 77
+        (2, 8, 4096, 4096, 40),
+        (2, 8, 4096, 77, 40),
+        (2, 8, 1024, 1024, 80),
+        (2, 8, 1024, 77, 80),
+        (2, 8, 256, 256, 160),
+        (2, 8, 256, 77, 160),
+    ],
+    "sdxl": [  # head dim 64; 10 heads at 64x64 latents / 4096 tokens, 20 heads at 1024 tokens
+        (2, 10, 4096, 4096, 64),
+        (2, 10, 4096, 77, 64),
+        (2, 20, 1024, 1024, 64),
+        (2, 20, 1024, 77, 64),
+    ],
+}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", choices=sorted(GROUP_NORM_SHAPES), default=["sd15", "sdxl"])
+    parser.add_argument("--kernels", nargs="+", choices=["group_norm", "attention"],
+                        default=["group_norm", "attention"])  # fmt: skip
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="GroupNorm inputs in channels_last memory"
+    )
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls per candidate and shape")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per candidate and shape")
+    parser.add_argument("--no-flush", action="store_true", help="do not flush the L2 cache before each call")
+    parser.add_argument("-o", "--out", default="bench-kernels.json", help="JSON result path")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = benchmark_kernels(
+        models=args.models,
+        kernels=args.kernels,
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        flush_l2=not args.no_flush,
+    )
+    print(format_table(result))
+    path = write_result(args.out, result)
+    print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def environment() -> dict:
+    """Minimal description of the machine and library versions."""
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover
+        env["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env["gpu"] = props.name
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        env["gpu_sms"] = props.multi_processor_count
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return env
+
+
+def write_result(path: str | os.PathLike, result: dict) -> Path:
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def time_side_by_side(
+    candidates: dict[str, Callable[[], object]], *, warmup: int, repeats: int, flush: torch.Tensor | None
+) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, measured interleaved with CUDA events."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    items = list(candidates.items())
+    recorded: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+    for r in range(repeats):
+        for name, fn in items if r % 2 == 0 else reversed(items):
+            if flush is not None:
+                flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            recorded.append((name, start, end))
+    torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for name, start, end in recorded:
+        samples[name].append(start.elapsed_time(end))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+
+
+def _bench_group_norm(shape, dtype, channels_last, timing) -> dict:
+    from diffrt.kernels import group_norm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], device="cuda", generator=gen).to(dtype)
+    b = torch.randn(shape[1], device="cuda", generator=gen).to(dtype)
+    out = torch.empty_like(x)
+    copy_dst = torch.empty_like(x)
+    groups = 32
+
+    def triton_fn():
+        return group_norm(x, groups, w, b, 1e-5, "silu", out=out)
+
+    def torch_fn():
+        return F.silu(F.group_norm(x, groups, w, b, 1e-5))
+
+    def copy_fn():
+        return copy_dst.copy_(x)
+
+    err = (triton_fn().float() - torch_fn().float()).abs().max().item()
+    ms = timing({"triton": triton_fn, "torch": torch_fn, "copy": copy_fn})
+    nbytes = 2 * x.numel() * x.element_size()
+    gbps = {name: nbytes / (t * 1e-3) / 1e9 for name, t in ms.items()}
+    return {
+        "shape": list(shape),
+        "layout": "channels_last" if channels_last else "nchw",
+        "bytes": nbytes,
+        "triton_ms": ms["triton"],
+        "torch_ms": ms["torch"],
+        "copy_ms": ms["copy"],
+        "triton_gbps": gbps["triton"],
+        "torch_gbps": gbps["torch"],
+        "copy_gbps": gbps["copy"],
+        "speedup_vs_torch": ms["torch"] / ms["triton"],
+        "fraction_of_copy": gbps["triton"] / gbps["copy"],
+        "max_abs_err": err,
+    }
+
+
+def _bench_attention(shape, dtype, timing) -> dict:
+    from diffrt.kernels import attention
+
+    batch, heads, seq_q, seq_k, head_dim = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def tokens(length):  # [B, L, H, D] memory seen as [B, H, L, D], as diffusers' processors do
+        t = torch.randn(batch, length, heads, head_dim, device="cuda", generator=gen).to(dtype)
+        return t.transpose(1, 2)
+
+    q, k, v = tokens(seq_q), tokens(seq_k), tokens(seq_k)
+
+    def triton_fn():
+        return attention(q, k, v)
+
+    def sdpa_fn():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    err = (triton_fn().float() - sdpa_fn().float()).abs().max().item()
+    ms = timing({"triton": triton_fn, "sdpa": sdpa_fn})
+    flops = 4 * batch * heads * seq_q * seq_k * head_dim
+    tflops = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
+    return {
+        "shape": list(shape),
+        "flops": flops,
+        "triton_ms": ms["triton"],
+        "sdpa_ms": ms["sdpa"],
+        "triton_tflops": tflops["triton"],
+        "sdpa_tflops": tflops["sdpa"],
+        "speedup_vs_sdpa": ms["sdpa"] / ms["triton"],
+        "max_abs_err": err,
+    }
+
+
+def _geomean(values: list[float]) -> float | None:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def benchmark_kernels(
+    *,
+    models=("sd15", "sdxl"),
+    kernels=("group_norm", "attention"),
+    dtype: str = "float16",
+    channels_last: bool = False,
+    warmup: int = 10,
+    repeats: int = 50,
+    flush_l2: bool = True,
+) -> dict:
+    """Run the benchmark and return the result dict (see the module docstring)."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "diffrt bench kernels needs a CUDA GPU: the Triton kernels are benchmarked against torch on CUDA"
+        )
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    unknown = [m for m in models if m not in GROUP_NORM_SHAPES]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {sorted(GROUP_NORM_SHAPES)}")
+    bad = [k for k in kernels if k not in ("group_norm", "attention")]
+    if bad:
+        raise ValueError(f"unknown kernels {bad}; choose from group_norm, attention")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    torch_dtype = _DTYPES[dtype]
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if flush_l2 else None
+
+    def timing(candidates):
+        return time_side_by_side(candidates, warmup=warmup, repeats=repeats, flush=flush)
+
+    metrics: dict = {"group_norm": [], "attention": []}
+    with torch.inference_mode():
+        for model in models:
+            if "group_norm" in kernels:
+                for shape in GROUP_NORM_SHAPES[model]:
+                    row = _bench_group_norm(shape, torch_dtype, channels_last, timing)
+                    metrics["group_norm"].append({"model": model, **row})
+            if "attention" in kernels:
+                for shape in ATTENTION_SHAPES[model]:
+                    metrics["attention"].append(
+                        {"model": model, **_bench_attention(shape, torch_dtype, timing)}
+                    )
+    metrics["summary"] = {
+        "group_norm_geomean_speedup_vs_torch": _geomean(
+            [r["speedup_vs_torch"] for r in metrics["group_norm"]]
+        ),
+        "group_norm_geomean_fraction_of_copy": _geomean(
+            [r["fraction_of_copy"] for r in metrics["group_norm"]]
+        ),
+        "attention_geomean_speedup_vs_sdpa": _geomean([r["speedup_vs_sdpa"] for r in metrics["attention"]]),
+    }
+    settings = {
+        "models": list(models),
+        "kernels": list(kernels),
+        "dtype": dtype,
+        "channels_last": channels_last,
+        "warmup": warmup,
+        "repeats": repeats,
+        "flush_l2": flush_l2,
+        "statistic": "median",
+        "group_norm_groups": 32,
+        "group_norm_bytes": "2 * numel * element_size (read x, write y)",
+        "attention_flops": "4 * B * H * Lq * Lk * D",
+    }
+    return {"schema": 1, "kind": "kernels", "env": environment(), "settings": settings, "metrics": metrics}
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    gn = result["metrics"]["group_norm"]
+    if gn:
+        lines.append("GroupNorm+SiLU (GB/s, median)")
+        lines.append(f"{'model':6} {'shape':>22} {'triton':>8} {'torch':>8} {'copy':>8} {'x torch':>8} "
+                     f"{'of copy':>8} {'max err':>9}")  # fmt: skip
+        for r in gn:
+            shape = "x".join(str(s) for s in r["shape"])
+            lines.append(
+                f"{r['model']:6} {shape:>22} {r['triton_gbps']:8.0f} {r['torch_gbps']:8.0f} "
+                f"{r['copy_gbps']:8.0f} "
+                f"{r['speedup_vs_torch']:8.2f} {r['fraction_of_copy']:8.0%} {r['max_abs_err']:9.2e}"
+            )
+    at = result["metrics"]["attention"]
+    if at:
+        lines.append("")
+        lines.append("Attention (TFLOP/s, median)")
+        lines.append(
+            f"{'model':6} {'B,H,Lq,Lk,D':>24} {'triton':>8} {'sdpa':>8} {'x sdpa':>8} {'max err':>9}"
+        )
+        for r in at:
+            shape = ",".join(str(s) for s in r["shape"])
+            lines.append(
+                f"{r['model']:6} {shape:>24} {r['triton_tflops']:8.1f} {r['sdpa_tflops']:8.1f} "
+                f"{r['speedup_vs_sdpa']:8.2f} {r['max_abs_err']:9.2e}"
+            )
+    summary = result["metrics"].get("summary", {})
+    if summary:
+        lines.append("")
+        lines.extend(f"{key}: {value:.3f}" for key, value in summary.items() if value is not None)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffrt.bench.kernels", description=__doc__.splitlines()[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

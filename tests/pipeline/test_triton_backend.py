@@ -1,0 +1,58 @@
+"""The triton backend: patched kernels (interpreter on CPU) give the torch backend's images; on CUDA the
+whole denoising loop is one CUDA graph, replayed on later calls with the same shape."""
+
+import os
+
+import pytest
+import torch
+
+import diffrt
+
+KW = dict(steps=2, seed=0, height=64, width=64, guidance=4.0, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return diffrt.load("tiny", device=device), diffrt.load("tiny", device=device, backend="triton")
+
+
+def test_triton_backend_matches_torch(pair):
+    eager, fused = pair
+    assert fused.backend.name == "triton" and fused.backend.patches[0].fused_norms > 0
+    # the interpreter is slow: one (stochastic) sampler
+    kw = dict(sampler="euler_ancestral", **KW)
+    torch.testing.assert_close(fused("a red sneaker", **kw), eager("a red sneaker", **kw), rtol=1e-4, atol=1e-4)
+
+
+def test_restore_returns_plain_modules(pair):
+    from torch import nn
+
+    _, fused = pair
+    backend = diffrt.load("tiny", device=fused.device, backend="triton").backend
+    backend.restore()
+    assert any(type(m) is nn.GroupNorm for m in backend.components.unet.modules())
+
+
+@pytest.mark.gpu
+def test_whole_loop_is_one_cuda_graph_replayed_per_shape(pair):
+    eager, fused = pair
+    first = fused("a red sneaker", sampler="dpmpp_2m", **KW)
+    assert len(fused.backend.loop_graphs) == 1 and fused.stages.unet_calls_ms == []
+    second = fused("a blue coat", sampler="dpmpp_2m", **KW)  # same shapes: replay with new conditioning
+    assert len(fused.backend.loop_graphs) == 1
+    torch.testing.assert_close(second, eager("a blue coat", sampler="dpmpp_2m", **KW), rtol=2e-3, atol=2e-3)
+    fused("a red sneaker", sampler="dpmpp_2m", **{**KW, "height": 128})
+    assert len(fused.backend.loop_graphs) == 2
+    torch.testing.assert_close(first, eager("a red sneaker", sampler="dpmpp_2m", **KW), rtol=2e-3, atol=2e-3)
+
+
+def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
+    from diffrt.backends import triton_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, reason = triton_backend.is_available()
+    assert not ok and "CUDA GPU" in reason
