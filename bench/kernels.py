@@ -17,17 +17,14 @@ The result is JSON ``{"schema": 1, "kind": "kernels", "env": ..., "settings": ..
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import os
-import platform
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .harness import write_result
 
 # [N, C, H, W] GroupNorm inputs (32 groups) and (B, H, Lq, Lk, D) attention problems, batch 2 = CFG.
 GROUP_NORM_SHAPES = {
@@ -99,44 +96,9 @@ def run(args: argparse.Namespace) -> int:
         flush_l2=not args.no_flush,
     )
     print(format_table(result))
-    path = write_result(args.out, result)
+    path = write_result(args.out, "kernels", result["settings"], result["metrics"])
     print(f"wrote {path}")
     return 0
-
-
-# ------------------------------------------------------------------------------------------------ results
-
-
-def environment() -> dict:
-    """Minimal description of the machine and library versions."""
-    env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:  # pragma: no cover
-        env["triton"] = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env["gpu"] = props.name
-        env["gpu_capability"] = f"{props.major}.{props.minor}"
-        env["gpu_sms"] = props.multi_processor_count
-        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-    return env
-
-
-def write_result(path: str | os.PathLike, result: dict) -> Path:
-    path = Path(path)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -317,7 +279,7 @@ def benchmark_kernels(
         "group_norm_bytes": "2 * numel * element_size (read x, write y)",
         "attention_flops": "4 * B * H * Lq * Lk * D",
     }
-    return {"schema": 1, "kind": "kernels", "env": environment(), "settings": settings, "metrics": metrics}
+    return {"settings": settings, "metrics": metrics}
 
 
 def format_table(result: dict) -> str:

@@ -12,9 +12,17 @@ import sys
 def _add_bench(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (JSON results, tables, plots)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
+    from .bench import kernels as bench_kernels
     from .bench import samplers as bench_samplers
 
     bench_samplers.add_arguments(kinds.add_parser("samplers", help="sampler quality against NFE"))
+    bench_kernels.add_arguments(kinds.add_parser("kernels", help="Triton kernels against torch (CUDA only)"))
+
+
+def _add_export(subparsers) -> None:
+    from .export import cli as export_cli
+
+    export_cli.add_arguments(subparsers.add_parser("export", help="export a model's graphs to ONNX or TensorRT"))
 
 
 DEFAULT_MODEL = "tiny"
@@ -101,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     subparsers.add_parser("samplers", help="list the samplers and their options").set_defaults(run=_samplers)
     _add_bench(subparsers)
+    _add_export(subparsers)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from diffrt.denoisers import (
     consistency_denoiser,
     eps_denoiser,

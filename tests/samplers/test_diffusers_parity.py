@@ -4,6 +4,7 @@
 import diffusers
 import pytest
 import torch
+
 from diffrt.denoisers import consistency_denoiser, prediction_denoiser
 from diffrt.samplers import from_diffusers, sample
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from diffrt.samplers import available, prepare, run, sample
 from diffrt.schedules import Grid, VPSchedule, flow_grid, vp_grid
 

@@ -4,6 +4,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+
 from diffrt.schedules import Grid, VPSchedule, flow_grid, ve_grid, vp_grid, vp_timesteps
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
