@@ -110,3 +110,18 @@ def write_result(path, kind: str, settings: dict, metrics: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def percentiles(values) -> dict[str, float]:
+    """p50, p90 (linear interpolation, as numpy's default) and min of a list of timings."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        raise ValueError("percentiles of an empty list")
+
+    def at(q: float) -> float:
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return {"p50": at(0.5), "p90": at(0.9), "min": ordered[0]}

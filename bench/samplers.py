@@ -27,6 +27,7 @@ VARIANTS = {
     "ddim_eta1": ("ddim", {"eta": 1.0}),
     "unipc_bh1": ("unipc", {"variant": "bh1"}),
     "unipc_3": ("unipc", {"order": 3}),
+    "dpmpp_3m_taylor": ("dpmpp_3m", {"third_order": "taylor"}),
 }
 
 

@@ -13,10 +13,12 @@ def _add_bench(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (JSON results, tables, plots)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     from .bench import kernels as bench_kernels
+    from .bench import latency as bench_latency
     from .bench import samplers as bench_samplers
 
     bench_samplers.add_arguments(kinds.add_parser("samplers", help="sampler quality against NFE"))
     bench_kernels.add_arguments(kinds.add_parser("kernels", help="Triton kernels against torch (CUDA only)"))
+    bench_latency.add_arguments(kinds.add_parser("latency", help="per-stage latency, backends side by side"))
 
 
 def _add_export(subparsers) -> None:
