@@ -101,6 +101,9 @@ def write_result(path, kind: str, settings: dict, metrics: dict) -> Path:
     text = json.dumps(record, indent=2, allow_nan=False) + "\n"  # serialise first: fail before touching disk
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
