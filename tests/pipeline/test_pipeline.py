@@ -163,3 +163,15 @@ def test_guidance_embedding_matches_diffusers_lcm_pipeline():
         ours = guidance_embedding(8.5, dim, torch.zeros(1))
         theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([7.5]), dim)
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_pipelines_run_and_stay_close_to_float32(tiny, dtype):
+    import diffrt
+
+    low = diffrt.load("tiny", device="cpu", dtype=dtype)
+    assert low.components.unet.dtype == getattr(torch, dtype)
+    kw = dict(steps=3, seed=2, output_type="pt", **SIZE)
+    images = low(PROMPT, **kw)
+    assert torch.isfinite(images).all()
+    assert (images - tiny(PROMPT, **kw)).abs().mean() < 0.05  # same model, rounded weights
