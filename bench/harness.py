@@ -12,10 +12,11 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..export.artifacts import atomic_write_bytes
 
 SCHEMA = 1
 
@@ -99,19 +100,7 @@ def write_result(path, kind: str, settings: dict, metrics: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"schema": SCHEMA, "kind": kind, "env": environment(), "settings": settings, "metrics": metrics}
     text = json.dumps(record, indent=2, allow_nan=False) + "\n"  # serialise first: fail before touching disk
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode())
     return path
 
 

@@ -491,6 +491,9 @@ def load_pipeline(source, *, device=None, dtype=None, backend="torch", vae_preci
     device, dtype = resolve_device_dtype(device, dtype)
     if backend not in backends.names():
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(backends.names())}")
+    reason = backends.availability()[backend]
+    if reason is not None:  # before any heavy loading
+        raise ValueError(f"backend {backend!r} cannot run here: {reason}")
     if vae_precision not in VAE_PRECISIONS:
         raise ValueError(f"vae_precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
     components = load_components(source, dtype=dtype)

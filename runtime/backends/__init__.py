@@ -11,7 +11,12 @@ from __future__ import annotations
 import importlib
 
 # name -> module under diffrt.backends; each module has is_available() -> (bool, reason) and create(...)
-_MODULES = {"torch": "torch_backend", "triton": "triton_backend"}
+_MODULES = {
+    "torch": "torch_backend",
+    "triton": "triton_backend",
+    "onnxruntime": "onnxruntime_backend",
+    "tensorrt": "tensorrt_backend",
+}
 
 
 def names() -> list[str]:
