@@ -27,6 +27,12 @@ def _add_export(subparsers) -> None:
     export_cli.add_arguments(subparsers.add_parser("export", help="export a model's graphs to ONNX or TensorRT"))
 
 
+def _add_train(subparsers) -> None:
+    from .train import cli as train_cli
+
+    train_cli.add_arguments(subparsers.add_parser("train", help="train an embedded Fashion-MNIST model"))
+
+
 DEFAULT_MODEL = "tiny"
 
 
@@ -112,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.add_parser("samplers", help="list the samplers and their options").set_defaults(run=_samplers)
     _add_bench(subparsers)
     _add_export(subparsers)
+    _add_train(subparsers)
     return parser
 
 

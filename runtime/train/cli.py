@@ -1,0 +1,80 @@
+"""``diffrt train KIND --out DIR``: arguments and dispatch (the trainers live in their modules)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+KINDS = ("vae", "fashion", "fashion-flow", "fashion-lcm", "classifier")
+ORDER = "order: vae -> fashion, fashion-flow (--vae) -> fashion-lcm (--teacher); classifier on its own"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = f"Train an embedded Fashion-MNIST model ({ORDER}). Defaults are the shipped models' settings."
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--vae", default=None, help="VAE folder (fashion, fashion-flow)")
+    parser.add_argument("--teacher", default=None, help="`fashion` folder to distil (fashion-lcm)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recorded setting)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--data-limit", type=int, default=None, help="use the first N training images (smoke runs)")
+    parser.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST IDX files")
+    parser.add_argument("--size", choices=("full", "tiny"), default=None, help="tiny: smoke-test model sizes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def settings_for(args):
+    """The kind's settings dataclass with the given options applied; unknown-to-the-kind options refused."""
+    from . import classifier, diffusion, lcm, vae
+
+    if args.kind == "vae":
+        settings = vae.VAESettings()
+    elif args.kind == "classifier":
+        settings = classifier.ClassifierSettings()
+    elif args.kind == "fashion-lcm":
+        settings = lcm.LCMSettings(teacher=args.teacher)
+    else:
+        settings = diffusion.DiffusionSettings(objective="eps" if args.kind == "fashion" else "flow", vae=args.vae)
+    if args.vae is not None and args.kind not in ("fashion", "fashion-flow"):
+        raise ValueError(f"--vae applies to fashion and fashion-flow, not {args.kind}")
+    if args.size is not None and args.kind == "fashion-lcm":
+        raise ValueError("--size does not apply to fashion-lcm: the student has its teacher's architecture")
+    if args.teacher is not None and args.kind != "fashion-lcm":
+        raise ValueError(f"--teacher applies to fashion-lcm, not {args.kind}")
+    options = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "device": args.device,
+        "data_limit": args.data_limit,
+        "data_root": args.data_root,
+        "size": args.size,
+    }
+    for key, value in options.items():
+        if value is not None:
+            setattr(settings, key, value)
+    settings.check()
+    return settings
+
+
+def run(args) -> int:
+    from . import classifier, diffusion, lcm, vae
+
+    settings = settings_for(args)
+    trainer = {
+        "vae": vae.train_vae,
+        "classifier": classifier.train_classifier,
+        "fashion-lcm": lcm.train_lcm,
+        "fashion": diffusion.train_diffusion,
+        "fashion-flow": diffusion.train_diffusion,
+    }[args.kind]
+    result = trainer(args.out, settings, progress=not args.no_progress)
+    shown = {k: v for k, v in result.metrics.items() if k != "loss_curve"}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {result.folder}")
+    return 0

@@ -1,0 +1,196 @@
+"""Each trainer lowers its loss in a few dozen steps, and writes a folder that diffrt and diffusers load."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import diffrt
+from diffrt.train import data, models
+
+from .conftest import IMAGES, assert_loss_falls, needs_dataset, smoke
+
+pytestmark = needs_dataset
+
+
+def generate(folder, steps=2, **kwargs):
+    pipe = diffrt.load(folder, device="cpu")
+    images = pipe(["an ankle boot", "running shoe"], steps=steps, seed=0, output_type="pt", **kwargs)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    return pipe, images
+
+
+# ----------------------------------------------------------------------------------------- VAE
+
+
+def test_vae_loss_falls_and_scaling_factor_is_measured(vae_run):
+    assert_loss_falls(vae_run.losses)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_run.folder)
+    assert vae.config.scaling_factor == pytest.approx(vae_run.metrics["scaling_factor"])
+    assert vae.config.scaling_factor == pytest.approx(1 / vae_run.metrics["latent_std"])
+    assert vae.config.scaling_factor != 1.0  # replaced the placeholder
+    x = data.to_model_input(data.load_split("test", limit=2).images)
+    assert vae.encode(x).latent_dist.mean.shape == (2, 4, 8, 8)
+    record = json.loads((vae_run.folder / "train.json").read_text())
+    assert record["kind"] == "train-vae" and record["settings"]["seed"] == 0
+    assert record["settings"]["data_limit"] == IMAGES and "env" in record
+    assert (vae_run.folder / "README.md").read_text().startswith("# fashion VAE")
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (vae_run.folder / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask  # not safetensors' 0600
+
+
+# -------------------------------------------------------------------------------------- U-Nets
+
+
+def test_eps_loss_falls_and_folder_generates(eps_run):
+    assert_loss_falls(eps_run.losses)
+    pipe, _ = generate(eps_run.folder)
+    c = pipe.components
+    assert type(c.scheduler).__name__ == "DPMSolverMultistepScheduler" and c.prediction_type == "epsilon"
+    assert c.scheduler.config.beta_schedule == "linear"
+    assert type(c.text_encoders[0]).__name__ == "BertModel" and c.tokenizers[0].model_max_length == 16
+    assert c.defaults == {"steps": 20, "sampler": "dpmpp_2m", "guidance": 4.0}
+    assert c.unet.config.cross_attention_dim == 384
+
+
+def test_flow_loss_falls_and_folder_generates(flow_run):
+    assert_loss_falls(flow_run.losses)
+    pipe, _ = generate(flow_run.folder, sampler="euler")
+    assert pipe.components.is_flow and pipe.components.prediction_type == "flow"
+
+
+def test_lcm_loss_falls_and_folder_generates(lcm_run):
+    assert_loss_falls(lcm_run.losses)
+    pipe, _ = generate(lcm_run.folder, steps=4)
+    c = pipe.components
+    assert c.is_consistency and c.defaults["sampler"] == "lcm"
+    assert c.unet.config.time_cond_proj_dim == models.LCM_COND_DIM
+    assert c.scheduler.config.timestep_scaling == 10.0 and c.scheduler.config.original_inference_steps == 50
+
+
+def test_lcm_scheduler_visits_only_distilled_timesteps(lcm_run):
+    from diffrt import samplers
+    from diffrt.train.lcm import skipping_schedule
+
+    scheduler = diffrt.load(lcm_run.folder, device="cpu").components.scheduler
+    trained = set(skipping_schedule(1000, 50)[0].tolist())
+    for n in (1, 2, 4, 8):
+        name, grid, _ = samplers.from_diffusers(scheduler, n)
+        assert name == "lcm"
+        assert set(grid.timesteps[:-1].long().tolist()) <= trained
+
+
+@pytest.mark.parametrize("which, steps", [("eps", 4), ("lcm", 1)])
+def test_diffusers_samples_the_folder_as_diffrt_does(request, which, steps):
+    """StableDiffusionPipeline loads the folder (BertModel where it expects CLIP: a warning, no error) and, run
+    with the folder's own scheduler, gives diffrt's latents (the LCM compared at 1 step: its re-noising draws
+    differ between the two)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = request.getfixturevalue(f"{which}_run").folder
+    pipe = diffrt.load(folder, device="cpu")
+    ours = pipe("an ankle boot", steps=steps, guidance=4.0, seed=3, output_type="latent",
+                scheduler=pipe.components.scheduler)  # fmt: skip
+    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)(
+        "an ankle boot", num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
+        generator=torch.Generator().manual_seed(3),
+    ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(ours.abs().max()))
+
+
+def test_diffusers_cannot_run_the_flow_folder_in_stable_diffusion_pipeline(flow_run):
+    """diffusers has no SD-style pipeline for a flow-matching U-Net: StableDiffusionPipeline loads the folder
+    but its loop calls scheduler.scale_model_input, which FlowMatchEulerDiscreteScheduler lacks."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(flow_run.folder, safety_checker=None)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    with pytest.raises(AttributeError, match="scale_model_input|init_noise_sigma"):
+        pipe("an ankle boot", num_inference_steps=2, output_type="np")
+
+
+def broken_copy(folder, tmp_path):
+    """A copy of a pipeline folder (its 90 MB text encoder linked, not copied)."""
+    import shutil
+
+    copy = tmp_path / "broken"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("text_encoder"))
+    (copy / "text_encoder").symlink_to(folder / "text_encoder")
+    return copy
+
+
+def test_truncated_unet_weights_give_a_clear_error(eps_run, tmp_path):
+    folder = broken_copy(eps_run.folder, tmp_path)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="could not load the unet"):
+        diffrt.load(folder, device="cpu")
+
+
+def test_unet_config_missing_a_field_gives_a_clear_error(eps_run, tmp_path):
+    folder = broken_copy(eps_run.folder, tmp_path)
+    config_file = folder / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["block_out_channels"]  # diffusers falls back to SD's widths, which the weights do not fit
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="could not load the unet"):
+        diffrt.load(folder, device="cpu")
+
+
+# ---------------------------------------------------------------------------------- classifier
+
+
+def test_classifier_loss_falls_and_reference_matches(tmp_path):
+    from diffrt.bench import quality
+    from diffrt.train import ClassifierSettings, train_classifier
+
+    settings = smoke(ClassifierSettings(), lr=3e-3, kid_rows=100)
+    result = train_classifier(tmp_path / "classifier", settings, progress=False)
+    assert_loss_falls(result.losses)
+    model = quality.load_classifier(result.folder)
+    reference = quality.load_reference(result.folder / quality.REFERENCE_FILE, classifier=model)
+    assert int(reference["fid_n"]) == IMAGES and reference["kid_features"].shape == (100, 16)
+    assert 0 <= result.metrics["test_accuracy"] <= 1
+    config = json.loads((result.folder / "config.json").read_text())
+    assert config["class_names"][9] == "Ankle boot" and config["num_features"] == 16
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+def test_unet_trainers_need_a_vae_and_lcm_a_teacher(tmp_path):
+    from diffrt.train import DiffusionSettings, LCMSettings, train_eps, train_lcm
+
+    with pytest.raises(ValueError, match="--vae DIR"):
+        train_eps(tmp_path, DiffusionSettings(), progress=False)
+    with pytest.raises(ValueError, match="--teacher DIR"):
+        train_lcm(tmp_path, LCMSettings(), progress=False)
+    with pytest.raises(FileNotFoundError, match="diffrt train vae"):
+        train_eps(tmp_path, DiffusionSettings(vae=str(tmp_path / "none")), progress=False)
+
+
+def test_flow_teacher_is_refused(flow_run, tmp_path):
+    from diffrt.train import LCMSettings, train_lcm
+
+    with pytest.raises(ValueError, match="must be an eps-prediction model"):
+        train_lcm(tmp_path, LCMSettings(teacher=str(flow_run.folder)), progress=False)
+
+
+def test_evaluate_pipeline_scores_a_model(eps_run):
+    from diffrt.bench import quality
+
+    torch.manual_seed(0)
+    classifier = quality.FashionClassifier(widths=(8, 8, 8), num_features=8).eval()
+    real = data.to_unit(data.load_split("test", limit=40).images)
+    reference = quality.reference_statistics(classifier, real, kid_rows=40)
+    pipe = diffrt.load(eps_run.folder, device="cpu")
+    scores = quality.evaluate_pipeline(pipe, per_class=1, prompts="held_out", classifier=classifier,
+                                       reference=reference, steps=2, batch_size=4)  # fmt: skip
+    assert scores["images"] == 10 and 0 <= scores["adherence"] <= 1
+    assert set(scores["adherence_per_class"]) == set(data.CLASS_NAMES)
+    assert scores["fid"] >= 0 and scores["call_options"] == {"steps": "2"}
