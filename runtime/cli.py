@@ -52,7 +52,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--image", default=None, help="input picture for image-to-image / inpainting")
-    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--strength", type=float, default=None, help="default 0.8 (image-to-image), 1 (inpainting)")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
     p.add_argument("-o", "--out", default="out.png")
     p.set_defaults(run=_generate)

@@ -152,7 +152,7 @@ class Pipeline:
         width: int | None = None,
         output_type: str = "pil",
         image=None,
-        strength: float = 0.8,
+        strength: float | None = None,
         mask_image=None,
         overlay: bool = True,
         spacing: str = "trailing",
@@ -166,7 +166,8 @@ class Pipeline:
         ``guidance`` 0 or 1 runs the conditional U-Net pass only. ``spacing`` places the timesteps
         (trailing starts at the last training timestep, which few-step sampling needs). ``scheduler``: a
         configured diffusers scheduler to reproduce exactly instead of ``sampler``/``spacing``.
-        ``strength`` 1 ignores the image's content (text-to-image from the same seed). ``mask_image``:
+        ``strength`` (default 0.8 for image-to-image, 1 for inpainting) 1 ignores the image's content
+        (text-to-image from the same seed; with a mask, only the masked region is generated). ``mask_image``:
         white (1) = repaint, black (0) = keep; with ``overlay`` (default) the kept pixels are the input's own
         (the decoder would otherwise alter them slightly: its receptive field spans the whole image).
         """
@@ -214,6 +215,8 @@ class Pipeline:
                     f"image is {image_tensor.shape[-1]}x{image_tensor.shape[-2]} (WxH) but height/width ask for "
                     f"{width}x{height}"
                 )
+            if strength is None:
+                strength = 1.0 if mask_image is not None else 0.8
             if not (isinstance(strength, int | float) and 0 < strength <= 1):
                 raise ValueError(f"strength must be in (0, 1], got {strength!r}")
         height = height or self.default_size
@@ -245,7 +248,7 @@ class Pipeline:
             progress = sys.stderr.isatty()
         return _Request(
             prompts, negatives, seeds, steps, sampler, sampler_options, float(guidance), float(guidance_rescale),
-            height, width, output_type, image_tensor, float(strength), mask, spacing, scheduler, progress,
+            height, width, output_type, image_tensor, float(strength or 1.0), mask, spacing, scheduler, progress,
             bool(overlay),
         )  # fmt: skip
 

@@ -175,3 +175,25 @@ def test_low_precision_pipelines_run_and_stay_close_to_float32(tiny, dtype):
     images = low(PROMPT, **kw)
     assert torch.isfinite(images).all()
     assert (images - tiny(PROMPT, **kw)).abs().mean() < 0.05  # same model, rounded weights
+
+
+def test_nine_channel_inpainting_unet_gets_mask_and_masked_image(tiny):
+    import diffusers
+
+    from diffrt.backends.torch_backend import TorchBackend
+    from diffrt.loading import Components
+    from diffrt.pipeline import Pipeline
+    from diffrt.presets import PRESETS
+
+    c = tiny.components
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**{**PRESETS["tiny"].unet, "in_channels": 9}).eval()
+    parts = Components("tiny-inpaint", "sd", unet, c.vae, c.text_encoders, c.tokenizers, c.scheduler)
+    pipe = Pipeline(parts, TorchBackend(parts, torch.device("cpu"), torch.float32), torch.device("cpu"), torch.float32)
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :32, :] = 1
+    out = pipe(PROMPT, image=_picture(2), mask_image=mask, steps=2, seed=0, guidance=3.0, output_type="pt", **SIZE)
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    assert seen == [9, 9]  # latents + mask + masked-image latents, one batched CFG call per step
