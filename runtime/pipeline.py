@@ -461,8 +461,8 @@ class Pipeline:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    """Defaults and checks: CUDA and float16 when a GPU is present, else CPU and float32."""
+def resolve_device(device) -> torch.device:
+    """CUDA when a GPU is present unless told otherwise; a clear error for anything but cpu/cuda."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -472,7 +472,13 @@ def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but this machine has no CUDA GPU (use device='cpu')")
+        raise ValueError("device 'cuda' asked for, but this machine has no CUDA GPU (use device 'cpu')")
+    return device
+
+
+def resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Defaults and checks: CUDA and float16 when a GPU is present, else CPU and float32."""
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):

@@ -70,17 +70,9 @@ class TrainResult:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}") from err
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but this machine has no CUDA GPU (use --device cpu)")
-    return device
+    from ..pipeline import resolve_device as resolve
+
+    return resolve(name)
 
 
 def seeded_generator(seed: int) -> torch.Generator:
