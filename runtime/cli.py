@@ -15,10 +15,12 @@ def _add_bench(subparsers) -> None:
     from .bench import kernels as bench_kernels
     from .bench import latency as bench_latency
     from .bench import samplers as bench_samplers
+    from .bench import throughput as bench_throughput
 
     bench_samplers.add_arguments(kinds.add_parser("samplers", help="sampler quality against NFE"))
     bench_kernels.add_arguments(kinds.add_parser("kernels", help="Triton kernels against torch (CUDA only)"))
     bench_latency.add_arguments(kinds.add_parser("latency", help="per-stage latency, backends side by side"))
+    bench_throughput.add_arguments(kinds.add_parser("throughput", help="images/s against batch size"))
 
 
 def _add_export(subparsers) -> None:
