@@ -14,6 +14,7 @@ def _add_bench(subparsers) -> None:
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     from .bench import kernels as bench_kernels
     from .bench import latency as bench_latency
+    from .bench import report as bench_report
     from .bench import samplers as bench_samplers
     from .bench import throughput as bench_throughput
 
@@ -21,6 +22,7 @@ def _add_bench(subparsers) -> None:
     bench_kernels.add_arguments(kinds.add_parser("kernels", help="Triton kernels against torch (CUDA only)"))
     bench_latency.add_arguments(kinds.add_parser("latency", help="per-stage latency, backends side by side"))
     bench_throughput.add_arguments(kinds.add_parser("throughput", help="images/s against batch size"))
+    bench_report.add_arguments(kinds.add_parser("report", help="markdown + HTML report with plots from results"))
 
 
 def _add_export(subparsers) -> None:

@@ -1,0 +1,190 @@
+"""``diffrt bench report``: one markdown report with tables and PNG plots, and one self-contained HTML page
+(plots embedded), from result files of the latency, throughput and samplers benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+from pathlib import Path
+
+from .harness import SCHEMA
+
+STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", help="result JSON files written by diffrt bench commands")
+    parser.add_argument("-o", "--out", default="report", help="output folder (report.md, report.html, PNGs)")
+    parser.set_defaults(run=run)
+
+
+def load_result(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"result file {path} does not exist")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON: {err}") from err
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        found = record.get("schema") if isinstance(record, dict) else None
+        raise ValueError(f"{path} has result schema {found!r}; this diffrt reads schema {SCHEMA}")
+    if record.get("kind") not in SECTIONS:
+        raise ValueError(f"{path}: results of kind {record.get('kind')!r} cannot be reported; "
+                         f"known kinds: {', '.join(SECTIONS)}")  # fmt: skip
+    record["_source"] = path.name
+    return record
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _latency(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    rows, plot_rows = [], []
+    for backend, m in record["metrics"].items():
+        if "skipped" in m:
+            rows.append([backend, "-", f"skipped: {m['skipped']}", "", "", "", "", ""])
+            continue
+        for batch, r in m["batches"].items():
+            rows.append([backend, batch, *(f"{r[s + '_p50']:.1f}" for s in STAGES), f"{r['total_ms_p90']:.1f}",
+                         f"{r['images_per_s']:.2f}"])  # fmt: skip
+            plot_rows.append((f"{backend}\nbatch {batch}", [r[s + "_p50"] for s in STAGES]))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(plot_rows), 1)
+    for k, (label, values) in enumerate(plot_rows):
+        ax.bar([i + k * width for i in range(len(STAGES))], values, width, label=label.replace("\n", " "))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(STAGES))], [s.replace("_ms", "") for s in STAGES])
+    ax.set_ylabel("ms (p50)")
+    ax.set_title(f"latency by stage: {record['settings'].get('model')}")
+    ax.legend(fontsize=8)
+    name = f"latency-{index}.png"
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    header = ["backend", "batch", *(f"{s} p50" for s in STAGES), "total_ms p90", "images/s"]
+    return _table(header, rows), [name]
+
+
+def _throughput(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    m = record["metrics"]
+    rows = [[r["batch"], f"{r['total_ms_p50']:.1f}", f"{r['images_per_s']:.2f}",
+             "knee" if r["batch"] == m["knee_batch"] else ""] for r in m["rows"]]  # fmt: skip
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["batch"] for r in m["rows"]], [r["images_per_s"] for r in m["rows"]], marker="o")
+    if m["knee_batch"] is not None:
+        ax.axvline(m["knee_batch"], linestyle="--", color="gray", label=f"knee (batch {m['knee_batch']})")
+        ax.legend()
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("images/s")
+    ax.set_title(f"throughput: {record['settings'].get('model')} on {record['settings'].get('backend')}")
+    name = f"throughput-{index}.png"
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return _table(["batch", "total ms p50", "images/s", ""], rows) + f"\n\n{m['stopped']}", [name]
+
+
+def _samplers(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    curves = record["metrics"]["samplers"]
+    nfes = sorted({n for c in curves.values() for n in c["nfe"]})
+    rows = []
+    for label, c in curves.items():
+        by_nfe = dict(zip(c["nfe"], c["error"], strict=True))
+        cells = [f"{by_nfe[n]:.2e}" if by_nfe.get(n) is not None else "-" for n in nfes]
+        rows.append([label, c["metric"], *cells])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, c in curves.items():
+        points = [(n, e) for n, e in zip(c["nfe"], c["error"], strict=True) if e is not None]
+        ax.plot(*zip(*points, strict=True), marker=".", linestyle="--" if c["stochastic"] else "-", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model calls (NFE)")
+    ax.set_ylabel("error (solid: RMS to the ODE reference; dashed: energy distance)")
+    ax.set_title("quality against NFE")
+    ax.legend(fontsize=7, ncol=2)
+    name = f"samplers-{index}.png"
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return _table(["sampler", "metric", *(f"NFE {n}" for n in nfes)], rows), [name]
+
+
+SECTIONS = {"latency": _latency, "throughput": _throughput, "samplers": _samplers}
+
+
+def _env_line(env: dict) -> str:
+    keys = ("device", "cpu", "cpu_count", "torch", "onnxruntime", "triton", "tensorrt", "git_commit", "date_utc")
+    return ", ".join(f"{k}: {env.get(k)}" for k in keys if k in env)
+
+
+def write_report(paths, out) -> tuple[Path, Path]:
+    records = [load_result(p) for p in paths]  # all checked before anything is written
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts, images = ["# diffrt benchmark report"], []
+    for index, record in enumerate(records):
+        table, pngs = SECTIONS[record["kind"]](record, out, index)
+        images += pngs
+        parts += [f"## {record['kind']} ({record['_source']})", f"Environment: {_env_line(record['env'])}",
+                  f"Settings: `{json.dumps(record['settings'], default=str)}`", table]  # fmt: skip
+        parts += [f"![{png}]({png})" for png in pngs]
+    markdown = "\n\n".join(parts) + "\n"
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text(markdown)
+    html_path.write_text(_html(parts, out))
+    return md_path, html_path
+
+
+def _html(parts: list[str], out: Path) -> str:
+    """The same content as the markdown, with tables as HTML and the plots embedded as data URIs."""
+    body = []
+    for part in parts:
+        if part.startswith("# "):
+            body.append(f"<h1>{html.escape(part[2:])}</h1>")
+        elif part.startswith("## "):
+            body.append(f"<h2>{html.escape(part[3:])}</h2>")
+        elif part.startswith("!["):
+            png = part[part.index("(") + 1 : -1]
+            data = base64.b64encode((out / png).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(png)}" src="data:image/png;base64,{data}">')
+        elif part.startswith("|"):
+            body.append(_html_table(part))
+        else:
+            body.append(f"<p>{html.escape(part)}</p>")
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}" \
+            "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"  # fmt: skip
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>" \
+           + "\n".join(body) + "</body></html>\n"  # fmt: skip
+
+
+def _html_table(markdown_table: str) -> str:
+    lines = [line for line in markdown_table.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    rows = [[html.escape(c.strip()) for c in line.strip("|").split("|")] for line in lines]
+    head = "".join(f"<th>{c}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows[1:])
+    tail = markdown_table.split("\n\n", 1)[1] if "\n\n" in markdown_table else ""
+    return f"<table><tr>{head}</tr>{body}</table>" + (f"<p>{html.escape(tail)}</p>" if tail else "")
+
+
+def run(args) -> int:
+    md_path, html_path = write_report(args.results, args.out)
+    print(f"wrote {md_path} and {html_path}")
+    return 0
