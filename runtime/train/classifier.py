@@ -83,11 +83,7 @@ def train_classifier(out, settings: ClassifierSettings | None = None, progress: 
         with common.autocast(device, settings.amp):
             logits = model(x)
         loss = loss_fn(logits.float(), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        opt.step()
-        lr_sched.step()
+        common.optimizer_step(loss, model, opt, lr_sched, settings.grad_clip)
         return loss
 
     losses = common.train_loop(step, settings.steps, "classifier", progress)

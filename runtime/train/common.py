@@ -102,6 +102,15 @@ def optimizer(params, settings: TrainSettings):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def optimizer_step(loss: torch.Tensor, module: torch.nn.Module, opt, lr_sched, grad_clip: float) -> None:
+    """Backward, clip the gradient norm, step the optimizer and the learning-rate schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    opt.step()
+    lr_sched.step()
+
+
 class EMA:
     """An exponential moving average of a model's weights (the weights that get saved).
 

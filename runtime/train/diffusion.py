@@ -144,11 +144,7 @@ def train_diffusion(out, settings: DiffusionSettings, progress: bool = True) -> 
         with common.autocast(device, settings.amp):
             pred = unet(x_t, t, encoder_hidden_states=cond).sample
         loss = (pred.float() - target).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), settings.grad_clip)
-        opt.step()
-        lr_sched.step()
+        common.optimizer_step(loss, unet, opt, lr_sched, settings.grad_clip)
         ema.update(unet, i)
         return loss
 

@@ -163,11 +163,7 @@ def train_lcm(out, settings: LCMSettings | None = None, progress: bool = True) -
             eps_target = target.model(x_s, s, encoder_hidden_states=cond, timestep_cond=w_emb).sample.float()
             goal = consistency_output(eps_target, x_s, s, acp, settings.timestep_scaling)
         loss = ((prediction - goal).square() + settings.huber_c**2).sqrt().mean() - settings.huber_c
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), settings.grad_clip)
-        opt.step()
-        lr_sched.step()
+        common.optimizer_step(loss, student, opt, lr_sched, settings.grad_clip)
         target.update(student, i)
         return loss
 

@@ -84,11 +84,7 @@ def train_vae(out, settings: VAESettings | None = None, progress: bool = True) -
             recon = vae.decode(z).sample.float()
         loss = (recon - x).abs().mean() + (recon - x).square().mean()
         loss = loss + settings.kl_weight * dist.kl().float().mean() / z[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), settings.grad_clip)
-        opt.step()
-        lr_sched.step()
+        common.optimizer_step(loss, vae, opt, lr_sched, settings.grad_clip)
         return loss
 
     losses = common.train_loop(step, settings.steps, "vae", progress)
