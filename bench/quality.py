@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -347,12 +348,13 @@ def evaluate_pipeline(pipe, per_class: int = 100, prompts: str = "canonical", se
     reference = reference if reference is not None else load_reference(classifier=classifier)
     texts = {k: data.class_prompt(k) if prompts == "canonical" else data.HELD_OUT[k] for k in range(NUM_CLASSES)}
     jobs = [(label, i) for label in range(NUM_CLASSES) for i in range(per_class)]
-    images = []
+    images, start_time = [], time.perf_counter()
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         seeds = [seed + label * 1_000_003 + i for label, i in chunk]
         images.append(pipe([texts[label] for label, _ in chunk], seed=seeds, output_type="pt", progress=False,
                            **call_options).float())  # fmt: skip
+    generate_s = time.perf_counter() - start_time
     images = torch.cat(images)
     labels = torch.tensor([label for label, _ in jobs])
     predicted = predict(images, classifier)
@@ -362,5 +364,5 @@ def evaluate_pipeline(pipe, per_class: int = 100, prompts: str = "canonical", se
         "prompts": prompts, "per_class": per_class, "images": len(images),
         "adherence": float((predicted == labels).float().mean()), "adherence_per_class": per,
         "fid": domain_fid(images, classifier, reference), "kid_mean": kid_mean, "kid_std": kid_std,
-        "call_options": {k: str(v) for k, v in call_options.items()},
+        "generate_s": generate_s, "call_options": {k: str(v) for k, v in call_options.items()},
     }  # fmt: skip

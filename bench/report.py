@@ -47,6 +47,14 @@ def _plt():
     return plt
 
 
+def _save(fig, out: Path, name: str) -> str:
+    """Write a figure as a PNG in the report folder and free it; returns the file name."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    _plt().close(fig)
+    return name
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -72,10 +80,7 @@ def _latency(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
     ax.set_ylabel("ms (p50)")
     ax.set_title(f"latency by stage: {record['settings'].get('model')}")
     ax.legend(fontsize=8)
-    name = f"latency-{index}.png"
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    name = _save(fig, out, f"latency-{index}.png")
     header = ["backend", "batch", *(f"{s} p50" for s in STAGES), "total_ms p90", "images/s"]
     return _table(header, rows), [name]
 
@@ -94,10 +99,7 @@ def _throughput(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
     ax.set_xlabel("batch")
     ax.set_ylabel("images/s")
     ax.set_title(f"throughput: {record['settings'].get('model')} on {record['settings'].get('backend')}")
-    name = f"throughput-{index}.png"
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    name = _save(fig, out, f"throughput-{index}.png")
     return _table(["batch", "total ms p50", "images/s", ""], rows) + f"\n\n{m['stopped']}", [name]
 
 
@@ -120,14 +122,49 @@ def _samplers(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
     ax.set_ylabel("error (solid: RMS to the ODE reference; dashed: energy distance)")
     ax.set_title("quality against NFE")
     ax.legend(fontsize=7, ncol=2)
-    name = f"samplers-{index}.png"
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    name = _save(fig, out, f"samplers-{index}.png")
     return _table(["sampler", "metric", *(f"NFE {n}" for n in nfes)], rows), [name]
 
 
-SECTIONS = {"latency": _latency, "throughput": _throughput, "samplers": _samplers}
+def _model_samplers(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    """Trained-model sweep: adherence, domain FID and time per image by steps; FID and adherence against NFE."""
+    curves = record["metrics"]["curves"]
+    steps = sorted({n for c in curves.values() for n in c["steps"]})
+    rows = []
+    for label, c in curves.items():
+        cells = {n: (a, f, t) for n, a, f, t in zip(c["steps"], c["adherence"], c["fid"], c["seconds_per_image"],
+                                                     strict=True)}  # fmt: skip
+        rows.append([label, *(f"{cells[n][0]:.3f} / {cells[n][1]:.2f} / {1e3 * cells[n][2]:.1f}" if n in cells
+                              else "-" for n in steps)])  # fmt: skip
+    plt = _plt()
+    fig, (ax_fid, ax_adh) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, c in curves.items():
+        ax_fid.plot(c["nfe"], c["fid"], marker=".", label=label)
+        ax_adh.plot(c["nfe"], c["adherence"], marker=".", label=label)
+    for ax, what in ((ax_fid, "domain FID (lower is better)"), (ax_adh, "prompt adherence")):
+        ax.set_xscale("log")
+        ax.set_xlabel("model calls (NFE)")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=7)
+    ax_fid.set_yscale("log")
+    fig.suptitle(f"{record['settings'].get('model')}: quality against NFE")
+    name = _save(fig, out, f"model-samplers-{index}.png")
+    header = ["sampler", *(f"{n} steps" for n in steps)]
+    note = "\n\nCells: adherence / domain FID / ms per image (generation only)."
+    return _table(header, rows) + note, [name]
+
+
+def _fid(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    s, m = record["settings"], record["metrics"]
+    row = [s.get("model"), s.get("sampler"), s.get("steps"), s.get("samples"), f"{m['fid']:.3f}",
+           f"{m['kid_mean']:.5f} ± {m['kid_std']:.5f}", f"{m['adherence']:.3f}"]  # fmt: skip
+    return _table(["model", "sampler", "steps", "images", "domain FID", "KID", "adherence"], [row]), []
+
+
+SECTIONS = {
+    "latency": _latency, "throughput": _throughput, "samplers": _samplers, "samplers-model": _model_samplers,
+    "fid": _fid,
+}  # fmt: skip
 
 
 def _env_line(env: dict) -> str:

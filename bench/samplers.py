@@ -32,7 +32,13 @@ VARIANTS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="gmm", help=f"oracle model; one of: {', '.join(MODELS)}")
+    parser.add_argument("--model", default="gmm",
+                        help=f"oracle model ({', '.join(MODELS)}) or a trained model (fashion, fashion-flow, "
+                             "fashion-lcm or a folder: adherence and domain FID against steps)")
+    parser.add_argument("--steps", default=None, help="trained models: comma list of step counts "
+                                                      "(default 1,2,4,8,20,50)")
+    parser.add_argument("--guidance", type=float, default=None, help="trained models (default: the model's)")
+    parser.add_argument("--device", default="cpu", help="trained models: cpu or cuda")
     parser.add_argument("--dim", type=int, default=64, choices=(2, 64), help="mixture dimension (default 64)")
     parser.add_argument("--samplers", default=None,
                         help="comma list of samplers (default: all); registry names or variants "
@@ -42,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="PNG plot (default: next to --out, same name)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256, help="starting noises for deterministic samplers")
-    parser.add_argument("--samples", type=int, default=4096, help="samples per run for stochastic samplers")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="gmm: samples per stochastic run (default 4096); trained models: images per cell "
+                             "(default 500)")
     parser.set_defaults(run=run)
 
 
@@ -67,14 +75,18 @@ def _select(requested: str | None) -> dict[str, tuple[str, dict]]:
     return {label: configs[label] for label in labels}
 
 
-def _parse_nfe(text: str) -> list[int]:
+def _parse_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise ValueError(f"--nfe must be a comma list of integers >= 1, got {text!r}")
+        raise ValueError(f"--{what} must be a comma list of integers >= 1, got {text!r}")
     return sorted(set(values))
+
+
+def _parse_nfe(text: str) -> list[int]:
+    return _parse_list(text, "nfe")
 
 
 class CallCounter:
@@ -180,7 +192,18 @@ def _table(title: str, nfes, rows: dict) -> str:
 
 def run(args) -> int:
     if args.model not in MODELS:
-        raise ValueError(f"unknown model {args.model!r}; allowed: {', '.join(MODELS)}")
+        from .. import embedded
+        from . import model_samplers
+
+        if args.model not in embedded.NAMES and not Path(args.model).is_dir():
+            raise ValueError(f"unknown model {args.model!r}; allowed: {', '.join(MODELS)} (oracle), "
+                             f"{', '.join(embedded.NAMES)} or a diffusers folder")  # fmt: skip
+
+        configs = _select(args.samplers) if args.samplers else None
+        return model_samplers.run(args, configs, _parse_list(args.steps or model_samplers.DEFAULT_STEPS, "steps"))
+    if args.steps is not None or args.guidance is not None:
+        raise ValueError("--steps and --guidance apply to trained models; the gmm oracle takes --nfe")
+    args.samples = 4096 if args.samples is None else args.samples
     if args.dim not in MODELS[args.model]:
         raise ValueError(f"--dim must be one of {sorted(MODELS[args.model])}, got {args.dim}")
     if args.batch < 1 or args.samples < 2:

@@ -12,6 +12,7 @@ import sys
 def _add_bench(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (JSON results, tables, plots)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
+    from .bench import fid as bench_fid
     from .bench import kernels as bench_kernels
     from .bench import latency as bench_latency
     from .bench import report as bench_report
@@ -23,6 +24,7 @@ def _add_bench(subparsers) -> None:
     bench_latency.add_arguments(kinds.add_parser("latency", help="per-stage latency, backends side by side"))
     bench_throughput.add_arguments(kinds.add_parser("throughput", help="images/s against batch size"))
     bench_report.add_arguments(kinds.add_parser("report", help="markdown + HTML report with plots from results"))
+    bench_fid.add_arguments(kinds.add_parser("fid", help="quality regression gate: domain FID and adherence"))
 
 
 def _add_export(subparsers) -> None:
@@ -37,7 +39,38 @@ def _add_train(subparsers) -> None:
     train_cli.add_arguments(subparsers.add_parser("train", help="train an embedded Fashion-MNIST model"))
 
 
-DEFAULT_MODEL = "tiny"
+def _add_models(subparsers) -> None:
+    p = subparsers.add_parser("models", help="the embedded models: list, export as diffusers folders, ship")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="embedded models in this installation").set_defaults(run=_models_list)
+    export = actions.add_parser("export", help="write an embedded model as a complete diffusers folder")
+    export.add_argument("name")
+    export.add_argument("out")
+    export.set_defaults(run=lambda a: _models_call("materialize", a.name, a.out))
+    ship = actions.add_parser("ship", help="(developers) copy a `diffrt train` output into the package")
+    ship.add_argument("trained", help="folder written by `diffrt train`")
+    ship.add_argument("name", help="fashion, fashion-flow, fashion-lcm or fashion-classifier")
+    ship.set_defaults(run=lambda a: _models_call("ship", a.trained, a.name))
+
+
+def _models_list(args) -> int:
+    from . import embedded
+
+    present = embedded.shipped()
+    for name in embedded.NAMES:
+        where = embedded.MODELS_DIR / name if name in present else "not in this installation"
+        print(f"{name:14s} {where}")
+    return 0
+
+
+def _models_call(function: str, *args) -> int:
+    from . import embedded
+
+    print(f"wrote {getattr(embedded, function)(*args)}")
+    return 0
+
+
+DEFAULT_MODEL = "fashion-flow"  # = diffrt.embedded.DEFAULT (not imported here: the CLI starts fast)
 
 
 def _add_generate(subparsers) -> None:
@@ -123,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_export(subparsers)
     _add_train(subparsers)
+    _add_models(subparsers)
     return parser
 
 

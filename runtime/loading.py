@@ -72,15 +72,19 @@ class Components:
 
 
 def load_components(source: str | os.PathLike, dtype=None) -> Components:
-    """Load a preset (by name) or a local diffusers folder; ``dtype`` is the modules' torch dtype."""
-    from . import presets
+    """Load an embedded model or a preset (by name) or a local diffusers folder; ``dtype`` is the modules' torch
+    dtype. Names win over folders: load a local folder called ``fashion`` as ``./fashion``."""
+    from . import embedded, presets
 
+    if isinstance(source, str) and source in embedded.NAMES:
+        return embedded.load(source, dtype)
     if isinstance(source, str) and source in presets.PRESETS:
         return _from_preset(presets.PRESETS[source], dtype)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
-            f"model {str(source)!r} is neither a preset ({', '.join(presets.names())}) nor an existing folder"
+            f"model {str(source)!r} is neither an embedded model ({', '.join(embedded.NAMES)}), "
+            f"a preset ({', '.join(presets.names())}) nor an existing folder"
         )
     return _from_folder(path, dtype)
 

@@ -14,6 +14,7 @@ import importlib
 _MODULES = {
     "torch": "torch_backend",
     "triton": "triton_backend",
+    "compile": "compile_backend",
     "onnxruntime": "onnxruntime_backend",
     "tensorrt": "tensorrt_backend",
 }

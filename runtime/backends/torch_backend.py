@@ -48,8 +48,7 @@ class TorchBackend:
         if graph == "unet":
             return {"out": self._unet(**inputs)}
         if graph == "vae_decoder":
-            latent = inputs["latent"].to(self.vae_dtype)
-            return {"image": self.components.vae.decode(latent).sample}
+            return {"image": self._decode(inputs["latent"].to(self.vae_dtype))}
         if graph == "vae_encoder":
             image = inputs["image"].to(self.vae_dtype)
             return {"latent": self.components.vae.encode(image).latent_dist.mean}
@@ -63,11 +62,17 @@ class TorchBackend:
             result["pooled"] = out.text_embeds
         return result
 
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.components.vae.decode(latent).sample
+
+    def _unet_module(self):
+        return self.components.unet
+
     def _unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
         added = None
         if text_embeds is not None:
             added = {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
-        return self.components.unet(
+        return self._unet_module()(
             sample.to(self.dtype),
             timestep,
             encoder_hidden_states=encoder_hidden_states.to(self.dtype),

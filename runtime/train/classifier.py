@@ -20,7 +20,7 @@ TARGET_ACCURACY = 0.91
 
 @dataclass
 class ClassifierSettings(common.TrainSettings):
-    steps: int = 9000  # ~19 epochs at batch 128
+    steps: int = 2000  # ~4.3 epochs at batch 128
     batch_size: int = 128
     lr: float = 2e-3
     lr_schedule: str = "cosine"
@@ -105,7 +105,8 @@ def train_classifier(out, settings: ClassifierSettings | None = None, progress: 
         "Model": f"A {metrics['params']:,}-parameter CNN (`diffrt.bench.quality.FashionClassifier`), float16 "
                  f"weights. Its {model.num_features}-wide penultimate layer gives the domain FID/KID features.",
         "Data": common.DATA_CARD,
-        "Training": f"`diffrt train classifier`. Settings:\n\n{common.settings_text(settings)}",
+        "Training": f"`diffrt train classifier`: {common.run_summary(settings, metrics)} Settings:\n\n"
+                    f"{common.settings_text(settings)}",
         "Metrics": f"Test accuracy {test_accuracy:.4f} on {len(test)} images (target {TARGET_ACCURACY}). "
                    f"`{quality.REFERENCE_FILE}`: FID/KID state of the test images for this exact classifier.",
         "Licence": "MIT (model and data).",

@@ -35,7 +35,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     seed: int = 0
     device: str | None = None  # default: cuda when present, else cpu
-    amp: bool = True  # bfloat16 autocast on CUDA (ignored on the CPU)
+    amp: bool = True  # bfloat16 autocast on CUDA; on the CPU only where a trainer allows it (see ``autocast``)
     size: str = "full"
     data_limit: int | None = None  # first N training (and test) images only (smoke runs)
     data_root: str | None = None  # default: $DIFFRT_FASHION_MNIST or Debian's location
@@ -81,9 +81,13 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool, cpu: bool = False):
+    """bfloat16 autocast on CUDA, and on the CPU when ``cpu`` (the VAE's convolutions at 32x32 run 1.7x faster
+    in bf16 on an AVX512-BF16 CPU; the small U-Nets do not gain, so they keep float32 there)."""
     if device.type == "cuda" and enabled and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and enabled and cpu:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -233,6 +237,16 @@ def make_readable(folder: Path) -> None:
     os.umask(umask)
     for path in Path(folder).rglob("*.safetensors"):
         path.chmod(0o666 & ~umask)
+
+
+def run_summary(settings: TrainSettings, metrics: dict) -> str:
+    """One line for a model card: steps, batch, wall time, device and the loss at the start and the end."""
+    device = metrics["device"]
+    if device == "cpu":
+        device = f"cpu ({torch.get_num_threads()} threads)"
+    return (f"{settings.steps} steps of batch {settings.batch_size} in {metrics['wall_s'] / 60:.1f} min on {device}; "
+            f"mean loss over the first {metrics['loss_window']} steps {metrics['loss_first']:.4f}, "
+            f"over the last {metrics['loss_window']} {metrics['loss_last']:.4f}.")
 
 
 def settings_text(settings: TrainSettings) -> str:

@@ -35,10 +35,11 @@ DEFAULTS = {"steps": 4, "sampler": "lcm", "guidance": 4.0}  # provisional until 
 
 @dataclass
 class LCMSettings(common.TrainSettings):
-    steps: int = 10000
+    steps: int = 800
     batch_size: int = 128
-    lr: float = 1e-4
-    warmup_steps: int = 500
+    lr: float = 2e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
     amp: bool = False
     teacher: str | None = None  # a `fashion` folder (eps prediction)
     target_decay: float = 0.95  # EMA of the target network (LCM's value)

@@ -18,11 +18,11 @@ from . import common, data, models
 
 @dataclass
 class VAESettings(common.TrainSettings):
-    steps: int = 20000
-    batch_size: int = 128
-    lr: float = 5e-4
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
     lr_schedule: str = "cosine"
-    warmup_steps: int = 500
+    warmup_steps: int = 100
     kl_weight: float = 1e-6
     scale_images: int = 10000  # training images whose latents measure the scaling factor
 
@@ -78,7 +78,7 @@ def train_vae(out, settings: VAESettings | None = None, progress: bool = True) -
         x = data.to_model_input(images[batches.next().to(device)])
         noise = torch.randn((x.shape[0], models.LATENT_CHANNELS, models.LATENT_SIZE, models.LATENT_SIZE),
                             generator=generator).to(device)  # fmt: skip
-        with common.autocast(device, settings.amp):
+        with common.autocast(device, settings.amp, cpu=True):
             dist = vae.encode(x).latent_dist
             z = dist.mean + dist.std * noise
             recon = vae.decode(z).sample.float()
@@ -112,8 +112,8 @@ def save_vae(vae, out: Path, settings: VAESettings, metrics: dict) -> Path:
                  f"Latent scaling factor {metrics['scaling_factor']:.5f} (1 / std of {settings.scale_images} "
                  "training latents), stored in config.json.",
         "Data": common.DATA_CARD,
-        "Training": "L1 + L2 reconstruction + KL (weight "
-                    f"{settings.kl_weight}), `diffrt train vae`. Settings:\n\n{common.settings_text(settings)}",
+        "Training": f"L1 + L2 reconstruction + KL (weight {settings.kl_weight}), `diffrt train vae`: "
+                    f"{common.run_summary(settings, metrics)} Settings:\n\n{common.settings_text(settings)}",
         "Metrics": f"Test-set reconstruction: L1 {rec['l1']:.4f}, PSNR {rec['psnr_db']:.2f} dB (pixels in [0, 1]).",
         "Licence": "MIT (model and data).",
     })  # fmt: skip

@@ -90,7 +90,7 @@ def test_bad_load_arguments(kwargs, match):
 
 
 def test_missing_source():
-    with pytest.raises(FileNotFoundError, match="neither a preset .*sd15.* nor an existing folder"):
+    with pytest.raises(FileNotFoundError, match="neither an embedded model .*a preset .*sd15.* nor an existing folder"):
         diffrt.load("/no/such/model")
 
 

@@ -23,7 +23,7 @@ def test_generate_writes_a_grid_png_and_prints_stage_times(tmp_path, capsys):
     [
         (["--steps", "0"], "steps must be an integer >= 1"),
         (["--sampler", "plms"], "unknown sampler 'plms'"),
-        (["--model", "/no/such/folder"], "neither a preset"),
+        (["--model", "/no/such/folder"], "neither an embedded model"),
         (["--image", "/no/such.png"], "no such file"),
     ],
 )

@@ -1,0 +1,156 @@
+"""``diffrt bench fid``: a quality regression gate on domain FID/KID and prompt adherence.
+
+A run generates ``--samples`` images (an equal share per class prompt, seeded), scores them with the project's
+Fashion-MNIST classifier (:mod:`diffrt.bench.quality`) and compares the scores with a stored baseline: a
+result file of this same command and settings, made with ``--update-baseline``. The verdict is a regression
+when FID rises by more than ``--tolerance`` (relative) or adherence falls by more than ``--adherence-drop``
+(absolute); the command then exits with status 1. The run is deterministic for a given machine and version,
+and the tolerance absorbs the small float differences between CPUs.
+
+A baseline that was measured on another model (other weights), sampler, step count, sample count, seed,
+guidance or size is refused with the differing settings named: comparing them would say nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+from .harness import write_result
+
+KIND = "fid"
+COMPARED = ("model", "weights", "sampler", "steps", "samples", "seed", "guidance", "height", "width", "prompts")
+DEFAULT_TOLERANCE = 0.15  # relative FID rise allowed
+DEFAULT_ADHERENCE_DROP = 0.05  # absolute adherence drop allowed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="fashion-flow", help="embedded model name or a local diffusers folder "
+                        "(default: the default model, diffrt.embedded.DEFAULT)")
+    parser.add_argument("--sampler", default=None, help="default: the model's")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    parser.add_argument("--samples", type=int, default=200, help="images, a multiple of 10 (one share per class)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", default="canonical", choices=("canonical", "held_out"))
+    parser.add_argument("--baseline", required=True, help="baseline JSON (written with --update-baseline)")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="allowed relative FID rise")
+    parser.add_argument("--adherence-drop", type=float, default=DEFAULT_ADHERENCE_DROP,
+                        help="allowed absolute drop of adherence")  # fmt: skip
+    parser.add_argument("--update-baseline", action="store_true", help="write this run as the new baseline")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="JSON result file of this run")
+    parser.set_defaults(run=run)
+
+
+def weights_fingerprint(components) -> str:
+    """sha256 over the U-Net's and VAE's parameters (names, shapes, float32 bytes): the baseline is tied to them."""
+    digest = hashlib.sha256()
+    for module in (components.unet, components.vae):
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def measure(pipe, settings: dict) -> dict:
+    """Generate and score ``settings['samples']`` images: adherence, domain FID and KID."""
+    from . import quality
+
+    per_class = settings["samples"] // quality.NUM_CLASSES
+    scores = quality.evaluate_pipeline(
+        pipe, per_class=per_class, prompts=settings["prompts"], seed=settings["seed"], batch_size=100,
+        steps=settings["steps"], sampler=settings["sampler"], guidance=settings["guidance"],
+        height=settings["height"], width=settings["width"],
+    )  # fmt: skip
+    return {
+        "fid": scores["fid"], "kid_mean": scores["kid_mean"], "kid_std": scores["kid_std"],
+        "adherence": scores["adherence"], "adherence_per_class": scores["adherence_per_class"],
+        "kid_subset_size": min(1000, settings["samples"]),
+    }  # fmt: skip
+
+
+def read_baseline(path) -> dict:
+    from .report import load_result
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"baseline {path} does not exist; make it with --update-baseline")
+    record = load_result(path)  # checks JSON and schema
+    if record.get("kind") != KIND:
+        raise ValueError(f"{path} is a {record.get('kind')!r} result, not a {KIND!r} baseline")
+    return record
+
+
+def check_comparable(baseline: dict, settings: dict, path) -> None:
+    """Refuse a baseline measured under other settings or on other weights, naming what differs."""
+    theirs = baseline.get("settings", {})
+    differ = [f"{key}: baseline {theirs.get(key)!r}, this run {settings[key]!r}"
+              for key in COMPARED if theirs.get(key) != settings[key]]  # fmt: skip
+    if differ:
+        raise ValueError(f"baseline {path} was measured under other settings, refusing to compare ("
+                         + "; ".join(differ) + "); make a new one with --update-baseline")  # fmt: skip
+
+
+def verdict(baseline_metrics: dict, metrics: dict, tolerance: float, adherence_drop: float) -> tuple[bool, list[str]]:
+    """(passed, one line per metric) of this run against the baseline's metrics."""
+    fid_limit = baseline_metrics["fid"] * (1 + tolerance)
+    adherence_floor = baseline_metrics["adherence"] - adherence_drop
+    fid_ok = metrics["fid"] <= fid_limit
+    adherence_ok = metrics["adherence"] >= adherence_floor
+    lines = [
+        f"domain FID {metrics['fid']:.3f} (baseline {baseline_metrics['fid']:.3f}, limit {fid_limit:.3f}): "
+        + ("ok" if fid_ok else "REGRESSION"),
+        f"adherence {metrics['adherence']:.3f} (baseline {baseline_metrics['adherence']:.3f}, "
+        f"floor {adherence_floor:.3f}): " + ("ok" if adherence_ok else "REGRESSION"),
+        f"KID {metrics['kid_mean']:.5f} +- {metrics['kid_std']:.5f} (baseline {baseline_metrics['kid_mean']:.5f}; "
+        "reported, not gated)",
+    ]
+    return fid_ok and adherence_ok, lines
+
+
+def _settings(args, pipe) -> dict:
+    defaults = pipe.components.defaults
+    size = (pipe.default_size, pipe.default_size)
+    return {
+        "model": args.model if not Path(args.model).exists() else Path(args.model).resolve().name,
+        "weights": weights_fingerprint(pipe.components),
+        "sampler": args.sampler or defaults["sampler"], "steps": args.steps or defaults["steps"],
+        "guidance": args.guidance if args.guidance is not None else defaults["guidance"],
+        "samples": args.samples, "seed": args.seed, "prompts": args.prompts, "height": size[0], "width": size[1],
+        "dtype": "float32", "device": args.device,
+    }  # fmt: skip
+
+
+def run(args) -> int:
+    import diffrt
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.samples < 10 or args.samples % 10:
+        raise ValueError(f"--samples must be a positive multiple of 10 (one share per class), got {args.samples}")
+    if not (args.tolerance >= 0 and 0 <= args.adherence_drop <= 1):
+        raise ValueError(f"need --tolerance >= 0 and 0 <= --adherence-drop <= 1, "
+                         f"got {args.tolerance}, {args.adherence_drop}")  # fmt: skip
+    if args.sampler is not None:
+        from ..samplers import get
+
+        get(args.sampler)  # an unknown name fails here, before the slow part
+    baseline = None if args.update_baseline else read_baseline(args.baseline)
+    pipe = diffrt.load(args.model, device=args.device)
+    settings = _settings(args, pipe)
+    if baseline is not None:
+        check_comparable(baseline, settings, args.baseline)
+    metrics = measure(pipe, settings)
+    if args.out:
+        write_result(args.out, KIND, settings, metrics)
+    if args.update_baseline:
+        write_result(args.baseline, KIND, settings, metrics)
+        print(f"FID {metrics['fid']:.3f}, adherence {metrics['adherence']:.3f}: wrote the baseline {args.baseline}")
+        return 0
+    passed, lines = verdict(baseline["metrics"], metrics, args.tolerance, args.adherence_drop)
+    print(f"{settings['model']} {settings['sampler']} {settings['steps']} steps, {settings['samples']} images:")
+    print("\n".join("  " + line for line in lines))
+    print("PASS" if passed else "FAIL: quality regressed beyond tolerance")
+    return 0 if passed else 1
