@@ -26,7 +26,7 @@ DEFAULT_ADHERENCE_DROP = 0.05  # absolute adherence drop allowed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="fashion-flow", help="embedded model name or a local diffusers folder "
+    parser.add_argument("--model", default="fashion", help="embedded model name or a local diffusers folder "
                         "(default: the default model, diffrt.embedded.DEFAULT)")
     parser.add_argument("--sampler", default=None, help="default: the model's")
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")

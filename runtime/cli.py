@@ -70,7 +70,7 @@ def _models_call(function: str, *args) -> int:
     return 0
 
 
-DEFAULT_MODEL = "fashion-flow"  # = diffrt.embedded.DEFAULT (not imported here: the CLI starts fast)
+DEFAULT_MODEL = "fashion"  # = diffrt.embedded.DEFAULT (not imported here: the CLI starts fast)
 
 
 def _add_generate(subparsers) -> None:

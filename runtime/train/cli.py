@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--vae", default=None, help="VAE folder (fashion, fashion-flow)")
     parser.add_argument("--teacher", default=None, help="`fashion` folder to distil (fashion-lcm)")
-    parser.add_argument("--init", default=None, help="continue from a trained folder's U-Net (fashion, fashion-flow)")
+    parser.add_argument("--init", default=None,
+                        help="start from a trained folder's U-Net (fashion: an eps or flow folder; fashion-flow)")
+    parser.add_argument("--beta-schedule", default=None, help="fashion: VP betas, scaled_linear (default) or linear")
     parser.add_argument("--high-t-share", type=float, default=None,
                         help="fashion: share of timesteps drawn from [600, 1000) (oversampling high noise)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recorded setting)")
@@ -46,7 +48,9 @@ def settings_for(args):
         raise ValueError(f"--vae applies to fashion and fashion-flow, not {args.kind}")
     if args.size is not None and args.kind == "fashion-lcm":
         raise ValueError("--size does not apply to fashion-lcm: the student has its teacher's architecture")
-    for option in ("init", "high_t_share"):
+    if args.beta_schedule is not None and args.kind != "fashion":
+        raise ValueError(f"--beta-schedule applies to fashion, not {args.kind}")
+    for option in ("init", "high_t_share", "beta_schedule"):
         if getattr(args, option) is not None:
             if args.kind not in ("fashion", "fashion-flow"):
                 raise ValueError(f"--{option.replace('_', '-')} applies to fashion and fashion-flow, not {args.kind}")

@@ -4,7 +4,8 @@ Both read the training set once through the VAE encoder (posterior mean and std,
 step draws a fresh posterior sample, as Stable Diffusion trains) and the caption embeddings once through the
 frozen MiniLM encoder. 10% of the captions are the empty caption, so classifier-free guidance works.
 
-eps: ``x_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps`` with integer t uniform in [0, 1000), target eps.
+eps: ``x_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps`` with integer t uniform in [0, 1000), target eps; the
+betas are Stable Diffusion's scaled_linear by default (``models.VP_BETAS`` says why not DDPM's linear).
 flow: ``x_t = (1 - t) z + t eps`` with t logit-normal (SD3's choice: sigmoid of a standard normal puts most
 steps at mid noise, where the velocity is hardest to learn), the U-Net told ``1000 t``, target ``eps - z``.
 """
@@ -20,9 +21,9 @@ from . import common, data, models, text
 
 OBJECTIVES = ("eps", "flow")
 T_SAMPLING = ("logit_normal", "uniform")
-# diffrt.json sampling defaults: provisional until the quality benchmark sweeps steps and guidance.
+# diffrt.json sampling defaults, as the quality sweeps chose them (the shipped models' cards show the sweeps).
 DEFAULTS = {
-    "eps": {"steps": 20, "sampler": "dpmpp_2m", "guidance": 4.0},
+    "eps": {"steps": 20, "sampler": "dpmpp_2m", "guidance": 6.0},
     "flow": {"steps": 8, "sampler": "euler", "guidance": 4.0},
 }
 
@@ -40,7 +41,8 @@ class DiffusionSettings(common.TrainSettings):
     p_empty: float = data.P_EMPTY
     t_sampling: str = "logit_normal"  # flow only
     vae: str | None = None  # folder written by `diffrt train vae`
-    init: str | None = None  # continue from this trained folder's U-Net (same objective) instead of a fresh one
+    init: str | None = None  # start from this trained folder's U-Net instead of a fresh one (see initial_unet)
+    beta_schedule: str = "scaled_linear"  # eps only: a key of models.VP_BETAS
     high_t_share: float = 0.0  # eps only: share of timesteps drawn from [high_t_min, 1000) instead of [0, 1000)
     high_t_min: int = 600
 
@@ -53,6 +55,8 @@ class DiffusionSettings(common.TrainSettings):
         if not 0 <= self.high_t_share <= 1 or not 0 <= self.high_t_min < models.NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"need 0 <= high_t_share <= 1 and 0 <= high_t_min < {models.NUM_TRAIN_TIMESTEPS}, "
                              f"got {self.high_t_share}, {self.high_t_min}")  # fmt: skip
+        if self.beta_schedule not in models.VP_BETAS:
+            raise ValueError(f"beta_schedule must be one of {tuple(models.VP_BETAS)}, got {self.beta_schedule!r}")
         if self.vae is None:
             raise ValueError("the U-Nets train on VAE latents: give the VAE folder (--vae DIR from `diffrt train vae`)")
 
@@ -118,9 +122,8 @@ def sample_flow_t(n: int, how: str, generator: torch.Generator) -> torch.Tensor:
 def sample_eps_t(n: int, steps: int, high_t_share: float, high_t_min: int, generator) -> torch.Tensor:
     """Integer timesteps uniform in [0, steps), a ``high_t_share`` of them uniform in [high_t_min, steps).
 
-    Why: near pure noise (linear betas end at alpha_bar 4e-5) the eps target is almost x_t itself, and an eps
-    error of 1% there turns into x0 estimates ten times the data's scale that derail every sampler. The
-    first 2400-step run had exactly that (x0 std 14 from t = 999); its continuation oversamples high t.
+    Oversampling high noise was the first attempt at the linear-betas model's failure near pure noise (see
+    ``models.VP_BETAS``); it did not cure it, the scaled_linear schedule did. Kept (default 0) to reproduce it.
     """
     t = torch.randint(0, steps, (n,), generator=generator)
     high = torch.randint(high_t_min, steps, (n,), generator=generator)
@@ -140,14 +143,25 @@ def noisy_input(objective: str, z, noise, generator, acp: torch.Tensor, t_sampli
 
 
 def initial_unet(settings: DiffusionSettings, cross_attention_dim: int):
-    """A fresh U-Net, or the U-Net of ``settings.init`` (a folder of the same objective) to continue training."""
+    """A fresh U-Net, or the U-Net of the trained folder ``settings.init``.
+
+    An eps model may start from a flow model (``fashion`` starts from ``fashion-flow``): the text conditioning
+    and the image features carry over, only the meaning of the output and of the timestep is relearned. A
+    flow model does not start from an eps one, and an LCM student (guidance input) is no starting point.
+    """
     if settings.init is None:
         return models.build_unet(settings.size, cross_attention_dim=cross_attention_dim)
     from ..loading import load_components
 
     previous = load_components(Path(settings.init), dtype=torch.float32)
-    if (previous.prediction_type == "flow") != (settings.objective == "flow"):
-        raise ValueError(f"{settings.init} was trained with another objective than {settings.objective!r}")
+    if previous.is_consistency or (settings.objective == "flow" and not previous.is_flow):
+        kind = "a consistency" if previous.is_consistency else "an eps"
+        allowed = "a flow folder" if settings.objective == "flow" else "an eps or flow folder"
+        raise ValueError(f"{settings.init} holds {kind} model, which cannot start a {settings.objective!r} model: "
+                         f"give {allowed}")  # fmt: skip
+    if previous.unet.config.cross_attention_dim != cross_attention_dim:
+        raise ValueError(f"{settings.init}: its U-Net attends to {previous.unet.config.cross_attention_dim}-d text "
+                         f"states, the text encoder gives {cross_attention_dim}-d")  # fmt: skip
     return previous.unet
 
 
@@ -160,8 +174,9 @@ def train_diffusion(out, settings: DiffusionSettings, progress: bool = True) -> 
     vae = load_vae(settings.vae, device)
     encoder, tokenizer = text.load_text_encoder()
     latents = prepare_latents(vae, encoder.to(device), tokenizer, train, device, settings.p_empty)
-    scheduler = models.eps_scheduler() if settings.objective == "eps" else models.flow_scheduler()
-    acp = models.alphas_cumprod(models.eps_scheduler())
+    eps_scheduler = models.eps_scheduler(settings.beta_schedule)
+    scheduler = eps_scheduler if settings.objective == "eps" else models.flow_scheduler()
+    acp = models.alphas_cumprod(eps_scheduler)
 
     generator = common.seeded_generator(settings.seed)
     unet = initial_unet(settings, encoder.config.hidden_size).to(device).train()
@@ -205,7 +220,7 @@ def train_flow(out, settings: DiffusionSettings | None = None, progress: bool = 
 
 
 _DESCRIPTIONS = {
-    "fashion": "epsilon prediction on a variance-preserving schedule (DDPM linear betas 1e-4..0.02, 1000 steps)",
+    "fashion": "epsilon prediction on a variance-preserving schedule (1000 steps; betas in Settings)",
     "fashion-flow": "rectified flow: velocity (noise - x0) prediction, timestep 1000 t, logit-normal t in training",
     "fashion-lcm": "latent consistency model distilled from `fashion` with classifier-free guidance folded in "
                    "(guidance scale as a timestep_cond embedding); 1-4 steps with the lcm sampler",

@@ -15,8 +15,8 @@ Consistency distillation with guidance folded in, as diffusers' LCM distillation
   embedding of ``(w - 1) * 1000``, as ``diffrt.pipeline.guidance_embedding`` makes it at inference. Its
   projection starts at zero, so the student starts as the teacher.
 
-Autocast is off by default: with the linear schedule ``x0 = (x - sigma eps) / alpha`` divides by alpha = 0.0064
-at t = 999, and bfloat16 noise in eps would be amplified 150-fold.
+Autocast is off by default: ``x0 = (x - sigma eps) / alpha`` divides by alpha = 0.068 at t = 999 (the teacher's
+scaled_linear schedule), and bfloat16 noise in eps would be amplified 15-fold.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class LCMSettings(common.TrainSettings):
     timestep_scaling: float = 10.0
     p_empty: float = 0.0  # LCM trains the student on conditional prompts only
     cond_dim: int = models.LCM_COND_DIM
+    cond_init: str = "zero"  # the guidance projection: "zero" (starts as the teacher) or "random" (Linear's init)
 
     def check(self) -> None:
         super().check()
@@ -57,6 +58,8 @@ class LCMSettings(common.TrainSettings):
             raise ValueError("LCM distillation needs the eps teacher: give --teacher DIR (a `fashion` folder)")
         if not 1 <= self.guidance_min <= self.guidance_max:
             raise ValueError(f"need 1 <= guidance_min <= guidance_max, got {self.guidance_min}, {self.guidance_max}")
+        if self.cond_init not in ("zero", "random"):
+            raise ValueError(f"cond_init must be 'zero' or 'random', got {self.cond_init!r}")
         if not 1 <= self.num_ddim_timesteps <= models.NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"num_ddim_timesteps must be in 1..{models.NUM_TRAIN_TIMESTEPS}")
 
@@ -87,8 +90,10 @@ def consistency_output(eps, x, t, acp, timestep_scaling: float) -> torch.Tensor:
     return c_skip * x + c_out * x0
 
 
-def make_student(teacher_unet, cond_dim: int):
-    """The teacher's architecture with a guidance embedding input, initialised to behave as the teacher."""
+def make_student(teacher_unet, cond_dim: int, cond_init: str = "zero"):
+    """The teacher's architecture with a guidance embedding input. With ``cond_init`` "zero" it starts as the
+    teacher; "random" keeps Linear's default init of the guidance projection (as diffusers' LCM script does),
+    so the guidance input acts from the first step."""
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
@@ -96,7 +101,8 @@ def make_student(teacher_unet, cond_dim: int):
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
     if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
         raise ValueError(f"teacher and student U-Nets differ: missing {missing}, unexpected {unexpected}")
-    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    if cond_init == "zero":
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student
 
 
@@ -129,7 +135,7 @@ def train_lcm(out, settings: LCMSettings | None = None, progress: bool = True) -
 
     generator = common.seeded_generator(settings.seed)
     teacher_unet = teacher.unet.to(device).eval().requires_grad_(False)
-    student = make_student(teacher_unet, settings.cond_dim).to(device).train()
+    student = make_student(teacher_unet, settings.cond_dim, settings.cond_init).to(device).train()
     target = common.EMA(student, settings.target_decay, warmup=False)
     opt, lr_sched = common.optimizer(student.parameters(), settings)
     batches = common.Batches(len(train), settings.batch_size, generator)

@@ -14,11 +14,14 @@ LATENT_SIZE = 8
 IMAGE_CHANNELS = 3
 IMAGE_SIZE = 32
 NUM_TRAIN_TIMESTEPS = 1000
-# The VP schedule of the eps model: DDPM's linear betas (1e-4 .. 0.02), not Stable Diffusion's scaled_linear.
-# An 8x8x4 latent is low-dimensional, so little noise is needed to hide it; scaled_linear ends at
-# alpha_bar = 4.7e-3 (signal scale 0.068: the last training step still shows the image's layout, while sampling
-# starts from pure noise), linear ends at 4.0e-5 (0.0064), close to pure noise.
-VP_BETAS = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+# The VP schedules of the eps model. "scaled_linear" (Stable Diffusion's betas, 0.00085..0.012) is the shipped
+# one: it ends at alpha_bar = 4.7e-3 (signal scale 0.068), so an eps error near pure noise is amplified ~15x
+# in the x0 estimate. DDPM's "linear" betas (1e-4..0.02) end at 4.0e-5 (signal scale 0.0064, ~156x): the first
+# `fashion` runs on it gave x0 estimates ten times the data's scale from t = 999 and derailed every sampler.
+VP_BETAS = {
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+}
 LCM_COND_DIM = 128  # width of the guidance-scale embedding of the LCM student (timestep_cond)
 
 
@@ -76,8 +79,8 @@ def build_unet(size: str = "full", **overrides):
     return UNet2DConditionModel(**{**unet_config(size), **overrides})
 
 
-def eps_scheduler():
-    """The ``fashion`` folder's scheduler: DPM-Solver++ (2M) on the linear VP schedule, trailing spacing.
+def eps_scheduler(beta_schedule: str = "scaled_linear"):
+    """The ``fashion`` folder's scheduler: DPM-Solver++ (2M) on a VP schedule (``VP_BETAS``), trailing spacing.
 
     The diffrt pipeline only reads its training schedule (alphas_cumprod) and prediction type; diffusers'
     own pipeline samples with it, so it is the solver diffrt's default (dpmpp_2m, trailing) reproduces.
@@ -86,9 +89,11 @@ def eps_scheduler():
     """
     from diffusers import DPMSolverMultistepScheduler
 
+    if beta_schedule not in VP_BETAS:
+        raise ValueError(f"beta_schedule must be one of {tuple(VP_BETAS)}, got {beta_schedule!r}")
     return DPMSolverMultistepScheduler(
-        **VP_BETAS, prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
-        timestep_spacing="trailing", steps_offset=1,
+        **VP_BETAS[beta_schedule], num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="epsilon",
+        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", steps_offset=1,
     )  # fmt: skip
 
 

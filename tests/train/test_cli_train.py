@@ -21,6 +21,8 @@ from .conftest import IMAGES, needs_dataset
         (["vae", "--device", "tpu"], "device must be"),
         (["vae", "--init", "x"], "--init applies to fashion and fashion-flow"),
         (["fashion", "--vae", "x", "--high-t-share", "1.5"], "0 <= high_t_share <= 1"),
+        (["fashion", "--vae", "x", "--beta-schedule", "cosine"], "beta_schedule must be one of"),
+        (["fashion-flow", "--vae", "x", "--beta-schedule", "linear"], "--beta-schedule applies to fashion"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
@@ -84,7 +86,7 @@ def test_high_t_share_oversamples_high_timesteps():
 def test_init_continues_from_a_trained_unet(tmp_path, eps_run, flow_run):
     import torch
 
-    from diffrt.train import DiffusionSettings, train_eps
+    from diffrt.train import DiffusionSettings, train_eps, train_flow
 
     from .conftest import smoke
 
@@ -96,5 +98,5 @@ def test_init_continues_from_a_trained_unet(tmp_path, eps_run, flow_run):
     before = diffrt.load(eps_run.folder, device="cpu").components.unet.state_dict()
     after = diffrt.load(result.folder, device="cpu").components.unet.state_dict()
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)  # started from it
-    with pytest.raises(ValueError, match="another objective"):
-        train_eps(tmp_path / "x", smoke(DiffusionSettings(vae=str(eps_run.folder / "vae")), init=str(flow_run.folder)))
+    with pytest.raises(ValueError, match="holds an eps model, which cannot start a 'flow' model"):
+        train_flow(tmp_path / "x", smoke(DiffusionSettings(vae=str(eps_run.folder / "vae")), init=str(eps_run.folder)))

@@ -52,9 +52,9 @@ def test_eps_loss_falls_and_folder_generates(eps_run):
     pipe, _ = generate(eps_run.folder)
     c = pipe.components
     assert type(c.scheduler).__name__ == "DPMSolverMultistepScheduler" and c.prediction_type == "epsilon"
-    assert c.scheduler.config.beta_schedule == "linear"
+    assert (c.scheduler.config.beta_schedule, c.scheduler.config.beta_start) == ("scaled_linear", 0.00085)
     assert type(c.text_encoders[0]).__name__ == "BertModel" and c.tokenizers[0].model_max_length == 16
-    assert c.defaults == {"steps": 20, "sampler": "dpmpp_2m", "guidance": 4.0}
+    assert c.defaults == {"steps": 20, "sampler": "dpmpp_2m", "guidance": 6.0}
     assert c.unet.config.cross_attention_dim == 384
 
 
@@ -172,6 +172,21 @@ def test_unet_trainers_need_a_vae_and_lcm_a_teacher(tmp_path):
         train_lcm(tmp_path, LCMSettings(), progress=False)
     with pytest.raises(FileNotFoundError, match="diffrt train vae"):
         train_eps(tmp_path, DiffusionSettings(vae=str(tmp_path / "none")), progress=False)
+
+
+def test_eps_model_warm_starts_from_a_flow_folder(vae_run, flow_run, tmp_path):
+    """``fashion`` may start from ``fashion-flow``'s U-Net: weights taken as they are, objective switched."""
+    from safetensors.torch import load_file
+
+    from diffrt.train import DiffusionSettings, train_eps
+    from diffrt.train.diffusion import initial_unet
+
+    settings = smoke(DiffusionSettings(vae=str(vae_run.folder), init=str(flow_run.folder)), steps=1)
+    unet = initial_unet(settings, cross_attention_dim=384)
+    saved = load_file(flow_run.folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(unet.state_dict()[k].float(), v.float()) for k, v in saved.items())
+    run = train_eps(tmp_path / "eps", settings, progress=False)
+    assert diffrt.load(run.folder, device="cpu").components.prediction_type == "epsilon"
 
 
 def test_flow_teacher_is_refused(flow_run, tmp_path):
