@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--vae", default=None, help="VAE folder (fashion, fashion-flow)")
     parser.add_argument("--teacher", default=None, help="`fashion` folder to distil (fashion-lcm)")
+    parser.add_argument("--cond-init", default=None, choices=("zero", "random"),
+                        help="fashion-lcm: initial guidance projection (zero: the student starts as the teacher)")
     parser.add_argument("--init", default=None,
                         help="start from a trained folder's U-Net (fashion: an eps or flow folder; fashion-flow)")
     parser.add_argument("--beta-schedule", default=None, help="fashion: VP betas, scaled_linear (default) or linear")
@@ -55,8 +57,11 @@ def settings_for(args):
             if args.kind not in ("fashion", "fashion-flow"):
                 raise ValueError(f"--{option.replace('_', '-')} applies to fashion and fashion-flow, not {args.kind}")
             setattr(settings, option, getattr(args, option))
-    if args.teacher is not None and args.kind != "fashion-lcm":
-        raise ValueError(f"--teacher applies to fashion-lcm, not {args.kind}")
+    for option in ("teacher", "cond_init"):
+        if getattr(args, option) is not None and args.kind != "fashion-lcm":
+            raise ValueError(f"--{option.replace('_', '-')} applies to fashion-lcm, not {args.kind}")
+    if args.cond_init is not None:
+        settings.cond_init = args.cond_init
     options = {
         "steps": args.steps,
         "batch_size": args.batch_size,

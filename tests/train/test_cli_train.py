@@ -15,6 +15,7 @@ from .conftest import IMAGES, needs_dataset
         (["fashion"], "--vae DIR"),
         (["fashion-lcm"], "--teacher DIR"),
         (["vae", "--teacher", "x"], "--teacher applies to fashion-lcm"),
+        (["fashion", "--vae", "x", "--cond-init", "random"], "--cond-init applies to fashion-lcm"),
         (["classifier", "--vae", "x"], "--vae applies to fashion and fashion-flow"),
         (["fashion-lcm", "--teacher", "x", "--size", "tiny"], "--size does not apply"),
         (["vae", "--steps", "0"], "steps must be a positive integer"),

@@ -51,6 +51,20 @@ def test_student_starts_as_the_teacher():
             torch.testing.assert_close(student(x, t, encoder_hidden_states=cond, timestep_cond=w).sample, expected)
 
 
+def test_random_guidance_projection_makes_the_guidance_input_act_from_the_start():
+    torch.manual_seed(0)
+    teacher = models.build_unet("tiny").eval()
+    student = lcm.make_student(teacher, 32, cond_init="random").eval()
+    assert student.time_embedding.cond_proj.weight.abs().sum() > 0
+    x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 384)
+    with torch.no_grad():
+        low, high = (student(x, t, encoder_hidden_states=cond, timestep_cond=lcm.guidance_embedding(
+            torch.tensor([w]), 32)).sample for w in (2.0, 8.0))  # fmt: skip
+    assert not torch.allclose(low, high)
+
+
 def test_lcm_settings_are_checked():
     with pytest.raises(ValueError, match="guidance_min <= guidance_max"):
         lcm.LCMSettings(teacher="x", guidance_min=5.0, guidance_max=2.0).check()
+    with pytest.raises(ValueError, match="cond_init must be 'zero' or 'random'"):
+        lcm.LCMSettings(teacher="x", cond_init="ones").check()
