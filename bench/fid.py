@@ -17,7 +17,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from .harness import write_result
+from .harness import add_call_arguments, write_result
 
 KIND = "fid"
 COMPARED = ("model", "weights", "sampler", "steps", "samples", "seed", "guidance", "height", "width", "prompts")
@@ -28,9 +28,7 @@ DEFAULT_ADHERENCE_DROP = 0.05  # absolute adherence drop allowed
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="fashion", help="embedded model name or a local diffusers folder "
                         "(default: the default model, diffrt.embedded.DEFAULT)")
-    parser.add_argument("--sampler", default=None, help="default: the model's")
-    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
-    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    add_call_arguments(parser)
     parser.add_argument("--samples", type=int, default=200, help="images, a multiple of 10 (one share per class)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", default="canonical", choices=("canonical", "held_out"))

@@ -117,3 +117,20 @@ def percentiles(values) -> dict[str, float]:
         return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
     return {"p50": at(0.5), "p90": at(0.9), "min": ordered[0]}
+
+
+CALL_SETTINGS = ("sampler", "steps", "guidance")
+
+
+def add_call_arguments(parser) -> None:
+    """--sampler/--steps/--guidance; unset means the model's own defaults (its diffrt.json)."""
+    parser.add_argument("--sampler", default=None, help="default: the model's")
+    parser.add_argument("--steps", type=int, default=None, help="default: the model's")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
+
+
+def fill_call_defaults(args, pipe) -> None:
+    """Replace unset sampling arguments by the pipeline's defaults, so the result file records what ran."""
+    for key in CALL_SETTINGS:
+        if getattr(args, key) is None:
+            setattr(args, key, pipe.components.defaults[key])

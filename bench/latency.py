@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .harness import percentiles, write_result
+from .harness import add_call_arguments, fill_call_defaults, percentiles, write_result
 
 STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")
 
@@ -18,12 +18,10 @@ STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="preset name or a local diffusers folder")
     parser.add_argument("--backend", default="torch", help="comma list, e.g. torch,onnxruntime,triton")
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=4)
+    add_call_arguments(parser)
     parser.add_argument("--batch", default="1", help="comma list of batch sizes")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per backend and batch")
     parser.add_argument("--repeat", type=int, default=10, help="timed calls per backend and batch")
     parser.add_argument("--device", default=None)
@@ -60,6 +58,7 @@ def _load(name: str, args):
     start = time.perf_counter()
     pipe = diffrt.load(args.model, device=args.device, dtype=args.dtype, backend=name)
     loaded = time.perf_counter()
+    fill_call_defaults(args, pipe)
     pipe("warm-up", **_call_kwargs(args, 1), seed=0)
     first = time.perf_counter()
     return pipe, {"load_s": loaded - start, "first_call_s": first - loaded}

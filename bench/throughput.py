@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .harness import percentiles, write_result
+from .harness import add_call_arguments, fill_call_defaults, percentiles, write_result
 
 KNEE_FRACTION = 0.9
 
@@ -16,9 +16,7 @@ KNEE_FRACTION = 0.9
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="preset name or a local diffusers folder")
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    add_call_arguments(parser)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--max-batch", type=int, default=256, help="stop doubling here (or at out-of-memory)")
@@ -47,6 +45,7 @@ def measure(args) -> tuple[dict, dict]:
     if args.max_batch < 1 or args.repeat < 1:
         raise ValueError(f"--max-batch and --repeat must be >= 1, got {args.max_batch} and {args.repeat}")
     pipe = diffrt.load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    fill_call_defaults(args, pipe)
     kw = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, output_type="pt")
     kw.update({k: getattr(args, k) for k in ("height", "width") if getattr(args, k)})
     rows, stopped = [], f"reached --max-batch {args.max_batch}"

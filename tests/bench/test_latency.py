@@ -52,3 +52,12 @@ def test_latency_run_writes_stamped_json(tmp_path, capsys):
 def test_bad_arguments(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         latency.run(_args(tmp_path, **overrides))
+
+
+def test_sampling_settings_default_to_the_models_own(tmp_path):
+    """Unset --sampler/--steps/--guidance run (and record) the model's diffrt.json defaults: an LCM is timed
+    with its own sampler, not a solver it was never trained for."""
+    args = _args(tmp_path, model="fashion-lcm", backend="torch", steps=None, batch="1")
+    assert latency.run(args) == 0
+    settings = json.loads((tmp_path / "lat.json").read_text())["settings"]
+    assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("lcm", 4, 4.0)

@@ -33,3 +33,13 @@ def test_run_doubles_the_batch_up_to_the_limit(tmp_path, capsys):
 def test_bad_limits(tmp_path):
     with pytest.raises(ValueError, match="--max-batch and --repeat must be >= 1"):
         throughput.run(_args(tmp_path, "--max-batch", "0"))
+
+
+def test_sampling_settings_default_to_the_models_own(tmp_path):
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    args = parser.parse_args(["--model", "fashion-lcm", "--out", str(tmp_path / "t.json"), "--repeat", "1",
+                              "--max-batch", "1"])  # fmt: skip
+    assert throughput.run(args) == 0
+    settings = json.loads((tmp_path / "t.json").read_text())["settings"]
+    assert (settings["sampler"], settings["steps"], settings["guidance"]) == ("lcm", 4, 4.0)

@@ -81,3 +81,15 @@ def test_sampler_sweep_on_a_trained_model_and_its_report(tmp_path, capsys):
     assert "prompt adherence by steps" in capsys.readouterr().out
     md_path, _ = write_report([out], tmp_path / "report")
     assert "| heun |" in md_path.read_text() and (tmp_path / "report" / "model-samplers-0.png").is_file()
+
+
+def test_cli_defaults_name_the_default_model():
+    """The CLI and `bench fid` spell the default model out (they start without importing diffrt.embedded)."""
+    import argparse
+
+    from diffrt import cli
+    from diffrt.bench import fid
+
+    parser = argparse.ArgumentParser()
+    fid.add_arguments(parser)
+    assert cli.DEFAULT_MODEL == parser.get_default("model") == embedded.DEFAULT
