@@ -145,9 +145,10 @@ def noisy_input(objective: str, z, noise, generator, acp: torch.Tensor, t_sampli
 def initial_unet(settings: DiffusionSettings, cross_attention_dim: int):
     """A fresh U-Net, or the U-Net of the trained folder ``settings.init``.
 
-    An eps model may start from a flow model (``fashion`` starts from ``fashion-flow``): the text conditioning
-    and the image features carry over, only the meaning of the output and of the timestep is relearned. A
-    flow model does not start from an eps one, and an LCM student (guidance input) is no starting point.
+    An eps model may also start from a flow model: the text conditioning and the image features carry over,
+    only the meaning of the output and of the timestep is relearned (tried for ``fashion``: its card compares
+    it with continuing the eps runs). A flow model does not start from an eps one, and an LCM student (guidance
+    input) is no starting point.
     """
     if settings.init is None:
         return models.build_unet(settings.size, cross_attention_dim=cross_attention_dim)

@@ -32,10 +32,11 @@ def test_classifier_meets_its_accuracy_target():
         assert measured == pytest.approx(recorded, abs=2e-3)
 
 
-def test_default_model_draws_what_the_prompt_asks_for():
-    """50 images, five per class prompt, at the default model's own settings (fashion: 20 dpmpp_2m steps): the
-    classifier agrees with the prompt for at least 80% of them."""
-    pipe = diffrt.load(embedded.DEFAULT, device="cpu")
+@pytest.mark.parametrize("name", embedded.NAMES)
+def test_shipped_model_draws_what_the_prompt_asks_for(name):
+    """50 images, five per class prompt, at the model's own settings (the default `fashion`: 20 dpmpp_2m steps;
+    fashion-lcm: 4 lcm steps): the classifier agrees with the prompt for at least 80% of them."""
+    pipe = diffrt.load(name, device="cpu")
     prompts = [data.class_prompt(k) for k in range(10) for _ in range(5)]
     images = pipe(prompts, seed=list(range(50)), output_type="pt", progress=False)
     assert images.shape == (50, 3, 32, 32) and torch.isfinite(images).all()
