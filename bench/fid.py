@@ -17,7 +17,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from .harness import add_call_arguments, write_result
+from .harness import add_call_arguments, fill_call_defaults, write_result
 
 KIND = "fid"
 COMPARED = ("model", "weights", "sampler", "steps", "samples", "seed", "guidance", "height", "width", "prompts")
@@ -109,13 +109,12 @@ def verdict(baseline_metrics: dict, metrics: dict, tolerance: float, adherence_d
 
 
 def _settings(args, pipe) -> dict:
-    defaults = pipe.components.defaults
+    fill_call_defaults(args, pipe)
     size = (pipe.default_size, pipe.default_size)
     return {
         "model": args.model if not Path(args.model).exists() else Path(args.model).resolve().name,
         "weights": weights_fingerprint(pipe.components),
-        "sampler": args.sampler or defaults["sampler"], "steps": args.steps or defaults["steps"],
-        "guidance": args.guidance if args.guidance is not None else defaults["guidance"],
+        "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
         "samples": args.samples, "seed": args.seed, "prompts": args.prompts, "height": size[0], "width": size[1],
         "dtype": "float32", "device": args.device,
     }  # fmt: skip

@@ -6,6 +6,15 @@ import argparse
 import json
 
 KINDS = ("vae", "fashion", "fashion-flow", "fashion-lcm", "classifier")
+# options that only some kinds take (each kind's settings field of the same name)
+KIND_OPTIONS = {
+    "vae": ("fashion", "fashion-flow"),
+    "init": ("fashion", "fashion-flow"),
+    "high_t_share": ("fashion", "fashion-flow"),
+    "beta_schedule": ("fashion",),
+    "teacher": ("fashion-lcm",),
+    "cond_init": ("fashion-lcm",),
+}
 ORDER = "order: vae -> fashion, fashion-flow (--vae) -> fashion-lcm (--teacher); classifier on its own"
 
 
@@ -43,25 +52,18 @@ def settings_for(args):
     elif args.kind == "classifier":
         settings = classifier.ClassifierSettings()
     elif args.kind == "fashion-lcm":
-        settings = lcm.LCMSettings(teacher=args.teacher)
+        settings = lcm.LCMSettings()
     else:
-        settings = diffusion.DiffusionSettings(objective="eps" if args.kind == "fashion" else "flow", vae=args.vae)
-    if args.vae is not None and args.kind not in ("fashion", "fashion-flow"):
-        raise ValueError(f"--vae applies to fashion and fashion-flow, not {args.kind}")
+        settings = diffusion.DiffusionSettings(objective="eps" if args.kind == "fashion" else "flow")
     if args.size is not None and args.kind == "fashion-lcm":
         raise ValueError("--size does not apply to fashion-lcm: the student has its teacher's architecture")
-    if args.beta_schedule is not None and args.kind != "fashion":
-        raise ValueError(f"--beta-schedule applies to fashion, not {args.kind}")
-    for option in ("init", "high_t_share", "beta_schedule"):
-        if getattr(args, option) is not None:
-            if args.kind not in ("fashion", "fashion-flow"):
-                raise ValueError(f"--{option.replace('_', '-')} applies to fashion and fashion-flow, not {args.kind}")
-            setattr(settings, option, getattr(args, option))
-    for option in ("teacher", "cond_init"):
-        if getattr(args, option) is not None and args.kind != "fashion-lcm":
-            raise ValueError(f"--{option.replace('_', '-')} applies to fashion-lcm, not {args.kind}")
-    if args.cond_init is not None:
-        settings.cond_init = args.cond_init
+    for option, kinds in KIND_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if args.kind not in kinds:
+            raise ValueError(f"--{option.replace('_', '-')} applies to {' and '.join(kinds)}, not {args.kind}")
+        setattr(settings, option, value)
     options = {
         "steps": args.steps,
         "batch_size": args.batch_size,
