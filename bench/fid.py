@@ -14,9 +14,11 @@ guidance or size is refused with the differing settings named: comparing them wo
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
+from ..defaults import DEFAULT_MODEL
+from ..fingerprint import weights_digest
+from ..results import read_result
 from .harness import add_call_arguments, fill_call_defaults, write_result
 
 KIND = "fid"
@@ -26,8 +28,8 @@ DEFAULT_ADHERENCE_DROP = 0.05  # absolute adherence drop allowed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="fashion", help="embedded model name or a local diffusers folder "
-                        "(default: the default model, diffrt.embedded.DEFAULT)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local diffusers folder "
+                        f"(default: the default model, {DEFAULT_MODEL})")
     add_call_arguments(parser)
     parser.add_argument("--samples", type=int, default=200, help="images, a multiple of 10 (one share per class)")
     parser.add_argument("--seed", type=int, default=0)
@@ -43,14 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def weights_fingerprint(components) -> str:
-    """sha256 over the U-Net's and VAE's parameters (names, shapes, float32 bytes): the baseline is tied to them."""
-    digest = hashlib.sha256()
-    for module in (components.unet, components.vae):
-        for name, tensor in module.state_dict().items():
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The U-Net's and VAE's weights fingerprint (:mod:`diffrt.fingerprint`): the baseline is tied to them."""
+    return weights_digest({"unet": components.unet, "vae": components.vae})[:16]
 
 
 def measure(pipe, settings: dict) -> dict:
@@ -71,11 +67,9 @@ def measure(pipe, settings: dict) -> dict:
 
 
 def read_baseline(path) -> dict:
-    from .report import load_result
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"baseline {path} does not exist; make it with --update-baseline")
-    record = load_result(path)  # checks JSON and schema
+    record = read_result(path)  # checks JSON and schema
     if record.get("kind") != KIND:
         raise ValueError(f"{path} is a {record.get('kind')!r} result, not a {KIND!r} baseline")
     return record

@@ -20,11 +20,12 @@ import argparse
 import math
 import statistics
 from collections.abc import Callable
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from .harness import write_result
+
+if TYPE_CHECKING:  # annotations only: the command line imports this module without torch
+    import torch
 
 # [N, C, H, W] GroupNorm inputs (32 groups) and (B, H, Lq, Lk, D) attention problems, batch 2 = CFG.
 GROUP_NORM_SHAPES = {
@@ -67,7 +68,7 @@ ATTENTION_SHAPES = {
         (2, 20, 1024, 77, 64),
     ],
 }
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float16", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +109,8 @@ def time_side_by_side(
     candidates: dict[str, Callable[[], object]], *, warmup: int, repeats: int, flush: torch.Tensor | None
 ) -> dict[str, float]:
     """Median milliseconds per call of each candidate, measured interleaved with CUDA events."""
+    import torch
+
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -135,7 +138,10 @@ def time_side_by_side(
 
 
 def _bench_group_norm(shape, dtype, channels_last, timing) -> dict:
-    from diffrt.kernels import group_norm
+    import torch
+    import torch.nn.functional as F
+
+    from ..kernels import group_norm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(shape, device="cuda", generator=gen).to(dtype)
@@ -177,7 +183,10 @@ def _bench_group_norm(shape, dtype, channels_last, timing) -> dict:
 
 
 def _bench_attention(shape, dtype, timing) -> dict:
-    from diffrt.kernels import attention
+    import torch
+    import torch.nn.functional as F
+
+    from ..kernels import attention
 
     batch, heads, seq_q, seq_k, head_dim = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -225,6 +234,8 @@ def benchmark_kernels(
     flush_l2: bool = True,
 ) -> dict:
     """Run the benchmark and return the result dict (see the module docstring)."""
+    import torch
+
     if not torch.cuda.is_available():
         raise ValueError(
             "diffrt bench kernels needs a CUDA GPU: the Triton kernels are benchmarked against torch on CUDA"
@@ -239,7 +250,7 @@ def benchmark_kernels(
         raise ValueError(f"unknown kernels {bad}; choose from group_norm, attention")
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = getattr(torch, dtype)
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if flush_l2 else None
 
     def timing(candidates):

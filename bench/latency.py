@@ -2,7 +2,8 @@
 
 Backends are interleaved (repeat r runs every backend, in alternating order) so that drift of a shared,
 noisy machine hits them alike. Cold start (load, export/compile, first call) is reported apart from the
-steady state. Stage times come from ``Pipeline.stages`` (CUDA events on GPU, perf_counter on CPU).
+steady state. Stage times come with each call's result (``Pipeline.generate``): CUDA events on GPU,
+perf_counter on CPU.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def measure(args) -> tuple[dict, dict]:
                 pipes[name]("a red sneaker", **_call_kwargs(args, batch), seed=0)
         for r in range(args.repeat):
             for name in order if r % 2 == 0 else order[::-1]:
-                pipes[name]("a red sneaker", **_call_kwargs(args, batch), seed=r)
-                for stage, values in _stage_samples(pipes[name].stages).items():
+                result = pipes[name].generate("a red sneaker", **_call_kwargs(args, batch), seed=r)
+                for stage, values in _stage_samples(result.stages).items():
                     samples[(name, batch)][stage].extend(values)
     for (name, batch), by_stage in samples.items():
         row = {f"{stage}_{k}": v for stage in STAGES for k, v in percentiles(by_stage[stage]).items()}

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import time
 
+from ..results import write_result
+from .sampler_configs import nfe_of, select
+
 # samplers that suit each kind of model (the LCM student is a consistency model: only its own sampler)
 DEFAULT_SAMPLERS = {"eps": "dpmpp_2m,unipc,ddim,euler", "flow": "euler,heun,dpmpp_2m", "consistency": "lcm"}
 DEFAULT_STEPS = "1,2,4,8,20,50"
@@ -20,19 +23,6 @@ def model_kind(components) -> str:
     if components.is_consistency:
         return "consistency"
     return "flow" if components.is_flow else "eps"
-
-
-def nfe_of(name: str, options: dict, steps: int) -> int:
-    """Model calls a sampler makes for ``steps`` steps (heun: 2 per step but the last), by counting."""
-    import torch
-
-    from ..samplers import sample
-    from ..schedules import ve_grid
-    from .samplers import CallCounter, _zero
-
-    counter = CallCounter(_zero)
-    sample(name, counter, torch.zeros(1, 1, dtype=torch.float64), ve_grid(steps), **options)
-    return counter.calls
 
 
 def sweep(pipe, configs: dict, steps: list[int], samples: int, guidance: float, seed: int = 0, progress=True):
@@ -74,20 +64,16 @@ def table(curves: dict, steps: list[int], key: str, fmt: str) -> str:
 
 
 def run(args, configs: dict, steps: list[int]) -> int:
-    import diffrt
-
-    from .harness import write_result
+    from ..api import load
 
     samples = args.samples if args.samples is not None else DEFAULT_SAMPLES
     if samples < 10 or samples % 10:
         raise ValueError(f"--samples must be a positive multiple of 10 (one share per class), got {samples}")
-    pipe = diffrt.load(args.model, device=args.device)
+    pipe = load(args.model, device=args.device)
     kind = model_kind(pipe.components)
     if configs is None:
-        from .samplers import _select
-
-        configs = _select(DEFAULT_SAMPLERS[kind])
-    guidance = args.guidance if args.guidance is not None else pipe.components.defaults["guidance"]
+        configs = select(DEFAULT_SAMPLERS[kind])
+    guidance = args.guidance if args.guidance is not None else pipe.defaults["guidance"]
     curves = sweep(pipe, configs, steps, samples, guidance, args.seed, progress=True)
     for key, title, fmt in (("adherence", "prompt adherence", ".3f"), ("fid", "domain FID", ".2f"),
                             ("seconds_per_image", "seconds per image (generation only)", ".4f")):  # fmt: skip

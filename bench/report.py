@@ -9,7 +9,7 @@ import html
 import json
 from pathlib import Path
 
-from .harness import SCHEMA
+from ..results import read_result
 
 STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")
 
@@ -21,20 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_result(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"result file {path} does not exist")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not JSON: {err}") from err
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-        found = record.get("schema") if isinstance(record, dict) else None
-        raise ValueError(f"{path} has result schema {found!r}; this diffrt reads schema {SCHEMA}")
+    """A result file this report can show (checked: JSON, schema, a known kind)."""
+    record = read_result(path)
     if record.get("kind") not in SECTIONS:
         raise ValueError(f"{path}: results of kind {record.get('kind')!r} cannot be reported; "
                          f"known kinds: {', '.join(SECTIONS)}")  # fmt: skip
-    record["_source"] = path.name
+    record["_source"] = Path(path).name
     return record
 
 

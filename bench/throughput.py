@@ -55,8 +55,7 @@ def measure(args) -> tuple[dict, dict]:
             pipe("a red sneaker", num_images=batch, seed=0, **kw)  # warm-up at this shape
             totals = []
             for r in range(args.repeat):
-                pipe("a red sneaker", num_images=batch, seed=r, **kw)
-                totals.append(pipe.stages.total_ms)
+                totals.append(pipe.generate("a red sneaker", num_images=batch, seed=r, **kw).stages.total_ms)
         except (RuntimeError, MemoryError) as err:
             if not _is_out_of_memory(err):
                 raise

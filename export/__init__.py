@@ -6,21 +6,19 @@ the cache (``$DIFFRT_CACHE`` or ``~/.cache/diffrt``) on first use. Names load la
 and ``diffrt --help`` start without importing torch.
 """
 
-import importlib
+from ..lazy import lazy_attributes
 
 _NAMES = {
-    "ArtifactError": "artifacts", "default_cache_dir": "artifacts", "model_hash": "artifacts",
-    "ExportError": "onnx_export", "ensure_onnx": "onnx_export", "export_onnx": "onnx_export",
-    "open_export": "onnx_export",
-    "Dim": "specs", "GraphSpec": "specs", "ShapeRanges": "specs", "TensorSpec": "specs", "graph_profile": "specs",
-    "graph_specs": "specs", "input_profile_shapes": "specs",
-    "build_engines": "trt_build", "ensure_engines": "trt_build", "open_engines": "trt_build",
-    "stage_latency": "bench",
+    "ArtifactError": "..artifacts", "default_cache_dir": "..artifacts", "model_hash": "..artifacts",
+    "ExportError": ".onnx_export", "ensure_onnx": ".onnx_export", "export_onnx": ".onnx_export",
+    "open_export": ".onnx_export",
+    "Dim": ".specs", "GraphSpec": ".specs", "ShapeRanges": ".specs", "TensorSpec": ".specs", "graph_profile": ".specs",
+    "graph_specs": ".specs", "input_profile_shapes": ".specs",
+    "build_engines": ".trt_build", "ensure_engines": ".trt_build", "open_engines": ".trt_build",
+    "OnnxSource": ".sources", "EngineSource": ".sources",
 }  # fmt: skip
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+# moved to the benchmarks (it times pipelines; the export layer may not import them)
+_MOVED = {"stage_latency": "diffrt.bench.stages.stage_latency"}
+__getattr__ = lazy_attributes(__name__, _NAMES, _MOVED)

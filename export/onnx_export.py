@@ -18,7 +18,6 @@ module, and an export beyond the precision's bound fails instead of writing a wr
 from __future__ import annotations
 
 import logging
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifacts
-from .artifacts import ArtifactError, file_record
+from .. import artifacts
+from ..artifacts import file_record
+from ..backends.onnxruntime_backend import ort_session, session_options  # noqa: F401  (session_options: earlier home)
+from . import cache
 from .modules import graph_module, run_module
 from .specs import (
     PRECISIONS,
@@ -41,6 +42,11 @@ from .specs import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def graph_files(record: dict) -> list[dict]:
+    """The file records of one graph's ONNX entry (the earlier name of ``artifacts.record_files("onnx", ...)``)."""
+    return artifacts.record_files("onnx", record)
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
@@ -99,53 +105,30 @@ def ensure_onnx(
     mhash = model_hash or artifacts.model_hash(components)
     folder = onnx_cache_folder(components, settings, mhash, cache_dir)
     wanted = graphs or graph_names(components)
-    manifest = artifacts.read_manifest(folder)
-    if manifest is not None and manifest.get("key") == _export_key(components, settings, mhash):
-        if all(g in manifest["graphs"] and not _verify_graph(folder, manifest["graphs"][g]) for g in wanted):
-            return folder, manifest  # the fast path: no lock needed to read finished, verified files
+    manifest = cache.cached(folder, "onnx", _export_key(components, settings, mhash), wanted)
+    if manifest is not None:
+        return folder, manifest
     ranges = ShapeRanges().resolved(components)
     return folder, _export_folder(components, folder, settings, wanted, ranges, mhash, force=False)
 
 
 def onnx_cache_folder(components, settings: OnnxSettings, mhash: str, cache_dir=None) -> Path:
     """``CACHE/onnx/NAME-MODELHASH/PRECISION-opsetN-EXPORTER-KEY``: one folder per model and settings."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", components.name)[:40] or "model"
     key = _export_key(components, settings, mhash)
-    root = artifacts.resolve_cache_dir(cache_dir) / "onnx" / f"{name}-{mhash[:16]}"
+    root = artifacts.resolve_cache_dir(cache_dir) / "onnx" / f"{artifacts.safe_name(components.name)}-{mhash[:16]}"
     return root / f"{settings.precision}-opset{settings.opset}-{settings.exporter}-{key[:12]}"
 
 
 def open_export(folder, components=None, graphs: list[str] | None = None, model_hash: str | None = None) -> dict:
     """Read and verify an export folder (e.g. one ``export_onnx`` wrote) before using its graphs: it must
     have a manifest, be of ``components``' weights when given, and its files must match their hashes."""
-    folder = Path(folder)
-    manifest = artifacts.read_manifest(folder)
-    if manifest is None or manifest.get("format") != artifacts.EXPORT_FORMAT or manifest.get("kind") != "onnx":
-        raise ArtifactError(f"{folder} is not a diffrt ONNX export (no valid {artifacts.MANIFEST})")
-    if components is not None:
-        mhash = model_hash or artifacts.model_hash(components)
-        if manifest["model"]["hash"] != mhash:
-            raise ArtifactError(
-                f"{folder} was exported from other weights (model hash {manifest['model']['hash'][:16]}, "
-                f"{manifest['model'].get('dtype')}), not from this model ({mhash[:16]}, {_weights_dtype(components)}); "
-                "the same weights loaded in another dtype hash differently"
-            )
-    for graph in graphs or list(manifest["graphs"]):
-        record = manifest["graphs"].get(graph)
-        if record is None:
-            raise ArtifactError(f"{folder} has no {graph!r} graph; it has {sorted(manifest['graphs'])}")
-        problem = _verify_graph(folder, record)
-        if problem:
-            raise ArtifactError(f"refusing to load graph {graph!r}: {problem}")
-    return manifest
+    if components is not None and model_hash is None:
+        model_hash = artifacts.model_hash(components)
+    return artifacts.open_folder(folder, "onnx", graphs, model_hash)
 
 
 def _weights_dtype(components) -> str:
     return str(components.unet.dtype).removeprefix("torch.")
-
-
-def graph_files(record: dict) -> list[dict]:
-    return [record["onnx"], *([record["data"]] if record.get("data") else [])]
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -158,10 +141,6 @@ def _export_key(components, settings: OnnxSettings, mhash: str) -> str:
     })  # fmt: skip
 
 
-def _verify_graph(folder: Path, record: dict) -> str | None:
-    return artifacts.verify_files(folder, graph_files(record))
-
-
 def _export_folder(components, folder: Path, settings, graphs, ranges, mhash: str, force: bool) -> dict:
     specs = graph_specs(components)
     wanted = graphs or list(specs)
@@ -169,28 +148,24 @@ def _export_folder(components, folder: Path, settings, graphs, ranges, mhash: st
     if unknown:
         raise ValueError(f"unknown graph(s) {unknown}; this model has {list(specs)}")
     key = _export_key(components, settings, mhash)
-    with artifacts.locked(folder, f"the ONNX export of {components.name}"):
-        manifest = artifacts.read_manifest(folder)
-        if manifest is None or manifest.get("key") != key:
-            manifest = _new_manifest(components, settings, mhash, key, ranges)
-        for name in wanted:
-            record = manifest["graphs"].get(name)
-            if record is not None and not force:
-                problem = _verify_graph(folder, record)
-                if problem is None:
-                    continue
-                log.warning("rebuilding graph %r: %s", name, problem)
-            log.info(
-                "exporting %s/%s to ONNX (%s, opset %d)", components.name, name, settings.precision, settings.opset
-            )
-            manifest["graphs"][name] = _export_graph(components, specs[name], settings, folder, ranges, mhash)
-            artifacts.atomic_write_json(folder / artifacts.MANIFEST, manifest)  # after each graph: progress kept
-        if manifest["ranges"] != ranges.as_dict():  # new profiles for kept graphs: their files do not change
-            manifest["ranges"] = ranges.as_dict()
-            for name, record in manifest["graphs"].items():
-                record.update(_describe(specs[name], settings.precision, ranges))
-            artifacts.atomic_write_json(folder / artifacts.MANIFEST, manifest)
-    return manifest
+    what = f"the ONNX export of {components.name}"
+
+    def make(name: str) -> dict:
+        log.info("exporting %s/%s to ONNX (%s, opset %d)", components.name, name, settings.precision, settings.opset)
+        return _export_graph(components, specs[name], settings, folder, ranges, mhash)
+
+    cache.fill(folder, "onnx", key, wanted, what=what, make=make, force=force,
+               new_manifest=lambda: _new_manifest(components, settings, mhash, key, ranges))  # fmt: skip
+
+    def new_ranges(manifest: dict) -> bool:  # new profiles for kept graphs: their files do not change
+        if manifest["ranges"] == ranges.as_dict():
+            return False
+        manifest["ranges"] = ranges.as_dict()
+        for name, record in manifest["graphs"].items():
+            record.update(_describe(specs[name], settings.precision, ranges))
+        return True
+
+    return cache.update(folder, what, new_ranges)
 
 
 def _new_manifest(components, settings, mhash, key, ranges) -> dict:
@@ -329,7 +304,7 @@ def keep_fp32(model, op_types=FP32_OPS) -> int:
     up, its first output cast back down); returns how many nodes were wrapped."""
     from onnx import TensorProto, helper
 
-    types = _elem_types(model)
+    types = elem_types(model)
     nodes, wrapped = [], 0
     for node in model.graph.node:
         if node.op_type not in op_types or types.get(node.input[0]) != TensorProto.FLOAT16:
@@ -353,7 +328,7 @@ def keep_fp32(model, op_types=FP32_OPS) -> int:
     return wrapped
 
 
-def _elem_types(model) -> dict[str, int]:
+def elem_types(model) -> dict[str, int]:
     """Tensor name -> ONNX element type, from shape inference (weights need not be loaded)."""
     import onnx
 
@@ -378,32 +353,6 @@ def _parity_values(components, ranges: ShapeRanges) -> list[dict[str, int]]:
         {"batch": 1, "height": 3 * m, "width": 2 * m, "sequence": seq},
         {"batch": 3, "height": 2 * m, "width": 2 * m, "sequence": seq},
     ]
-
-
-def session_options(threads: int | None = None):
-    """ONNX Runtime session options for running beside torch in one process."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # ORT's warnings (e.g. fp16 constant folding on the CPU) are noise here
-    # ORT's idle threads otherwise spin after each run and starve torch's sampler ops between U-Net calls
-    # (measured: torch 50x slower on 2 cores)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
-
-def ort_session(path, providers=("CPUExecutionProvider",), options=None, provider_options=None):
-    """An ONNX Runtime session; a file that is no ONNX model is a clear error."""
-    import onnxruntime as ort
-
-    options = options or session_options()
-    try:
-        return ort.InferenceSession(str(path), options, providers=list(providers), provider_options=provider_options)
-    except Exception as err:  # onnxruntime raises its own exception types per failure
-        raise ArtifactError(f"{path} could not be loaded as an ONNX model: {type(err).__name__}: {err}") from err
 
 
 def measure_parity(components, spec, path, precision: str, shape_sets: list[dict[str, int]], seed: int = 1) -> dict:

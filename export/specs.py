@@ -1,172 +1,20 @@
-"""Export specs: the inputs and outputs of every graph of a pipeline, their dynamic axes, and engine profiles.
+"""Export-side use of the graph specs: the shape ranges an export or engine covers and its profiles.
 
-A graph's tensors are described by their dims. A dynamic dim is a :class:`Dim` over one of four shape
-variables (``batch``, ``height``, ``width`` in pixels, ``sequence`` in tokens); latent dims are the pixel
-size divided by the VAE's factor. The same specs drive the ONNX export (names, dynamic axes, sample inputs),
-TensorRT optimization profiles (min/opt/max shapes) and the input checks of the exported-graph backends.
-Names are exactly the torch backend's (see :mod:`diffrt.backends.torch_backend`).
+The specs themselves (:class:`~diffrt.graphspec.GraphSpec`: names, dims, dtypes) are the model family's
+(:mod:`diffrt.families`); they drive the ONNX export (names, dynamic axes, sample inputs), the TensorRT
+optimization profiles built here (min/opt/max shapes) and the exported-graph backends' input checks. The spec
+names below stay importable from this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
+from .. import families
+from ..graphspec import PRECISIONS, TORCH_DTYPES, VARIABLES, Dim, GraphSpec, TensorSpec
 
-VARIABLES = ("batch", "height", "width", "sequence")
-PRECISIONS = ("fp32", "fp16")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Dim:
-    """A dynamic dim: the shape variable ``var`` divided by ``divisor`` (latents are pixels / VAE factor)."""
-
-    var: str
-    divisor: int = 1
-
-    @property
-    def axis_name(self) -> str:
-        return self.var if self.divisor == 1 else f"latent_{self.var}"
-
-    def size(self, values: dict[str, int]) -> int:
-        return values[self.var] // self.divisor
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named input or output. ``dtype`` "float" follows the export precision; "float32"/"int64" are fixed.
-    Sample values are uniform in [low, high) when both are given (integers for int64), else standard normal."""
-
-    name: str
-    dims: tuple[int | Dim, ...]
-    dtype: str = "float"
-    low: float | None = None
-    high: float | None = None
-
-    def shape(self, values: dict[str, int]) -> tuple[int, ...]:
-        return tuple(d.size(values) if isinstance(d, Dim) else d for d in self.dims)
-
-    def torch_dtype(self, precision: str) -> torch.dtype:
-        if self.dtype == "int64":
-            return torch.int64
-        return torch.float32 if self.dtype == "float32" else TORCH_DTYPES[precision]
-
-    def describe(self) -> list[int | str]:
-        return [d.axis_name if isinstance(d, Dim) else d for d in self.dims]
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """A graph's named inputs and outputs, the multiples its pixel sizes need and hard limits of its axes."""
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    multiples: dict[str, int] = field(default_factory=dict)  # var -> the values must be multiples of this
-    limits: dict[str, tuple[int, int]] = field(default_factory=dict)  # var -> (min, max) the graph can run
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-    @property
-    def variables(self) -> list[str]:
-        """The shape variables this graph's dims use, in VARIABLES order."""
-        used = {d.var for t in (*self.inputs, *self.outputs) for d in t.dims if isinstance(d, Dim)}
-        return [v for v in VARIABLES if v in used]
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """ONNX dynamic axes: tensor name -> {axis index: axis name}."""
-        return {
-            t.name: {i: d.axis_name for i, d in enumerate(t.dims) if isinstance(d, Dim)}
-            for t in (*self.inputs, *self.outputs)
-        }
-
-    def signature(self) -> dict:
-        """What the graph's files depend on besides weights: names, dims, dtypes (a cache-key ingredient)."""
-        return {
-            "inputs": [[t.name, t.describe(), t.dtype] for t in self.inputs],
-            "outputs": [[t.name, t.describe(), t.dtype] for t in self.outputs],
-            "multiples": dict(sorted(self.multiples.items())),
-        }
-
-    def sample_inputs(self, values: dict[str, int], precision: str = "fp32", *, generator=None, device="cpu"):
-        """Random inputs at the shapes ``values`` gives (seeded by ``generator``), as a name -> tensor dict."""
-        out = {}
-        for t in self.inputs:
-            shape = t.shape(values)
-            if t.dtype == "int64":
-                x = torch.randint(int(t.low), int(t.high), shape, generator=generator)
-            elif t.low is not None:
-                x = torch.rand(shape, generator=generator) * (t.high - t.low) + t.low
-            else:
-                x = torch.randn(shape, generator=generator)
-            out[t.name] = x.to(device=device, dtype=t.torch_dtype(precision))
-        return out
-
-    def output_shapes(self, values: dict[str, int]) -> dict[str, tuple[int, ...]]:
-        return {t.name: t.shape(values) for t in self.outputs}
-
-    def check_inputs(self, inputs: dict, profile: dict[str, tuple[int, int, int]] | None = None) -> dict[str, int]:
-        """Check names, ranks, fixed dims, the multiples and limits (and ``profile``'s ranges when given);
-        return the shape variables' values. Every failure is a ValueError naming the input and what is allowed."""
-        missing = [n for n in self.input_names if n not in inputs]
-        unknown = sorted(set(inputs) - set(self.input_names))
-        if missing or unknown:
-            raise ValueError(
-                f"graph {self.name!r} takes inputs {self.input_names}; "
-                + (f"missing {missing}" if missing else "")
-                + ("; " if missing and unknown else "")
-                + (f"unknown {unknown}" if unknown else "")
-            )
-        values: dict[str, int] = {}
-        seen: dict[str, str] = {}
-        for t in self.inputs:
-            shape = tuple(inputs[t.name].shape)
-            if len(shape) != len(t.dims):
-                raise ValueError(f"{self.name} input {t.name!r} must have shape {t.describe()}, got {list(shape)}")
-            for axis, (d, size) in enumerate(zip(t.dims, shape, strict=True)):
-                if not isinstance(d, Dim):
-                    if size != d:
-                        raise ValueError(
-                            f"{self.name} input {t.name!r} axis {axis} must be {d} (shape {t.describe()}), "
-                            f"got {list(shape)}"
-                        )
-                    continue
-                value = size * d.divisor
-                if d.var in values and values[d.var] != value:
-                    raise ValueError(
-                        f"{self.name} inputs disagree on {d.var}: {seen[d.var]} gives {values[d.var]}, "
-                        f"{t.name!r} gives {value}"
-                    )
-                values[d.var], seen[d.var] = value, repr(t.name)
-        for var, value in values.items():
-            self._check_value(var, value, profile)
-        return values
-
-    def _check_value(self, var: str, value: int, profile) -> None:
-        multiple = self.multiples.get(var, 1)
-        if value % multiple:
-            raise ValueError(
-                f"{self.name}: {var} {value} is not a multiple of {multiple}, which the exported graph needs "
-                f"(use {var} = {max(multiple, value // multiple * multiple)} or {(value // multiple + 1) * multiple})"
-            )
-        low, high = self.limits.get(var, (1, None))
-        if value < low or (high is not None and value > high):
-            raise ValueError(f"{self.name}: {var} {value} is outside what the graph supports [{low}, {high}]")
-        if profile is not None and var in profile:
-            lo, _, hi = profile[var]
-            if not lo <= value <= hi:
-                raise ValueError(
-                    f"{self.name}: {var} {value} is outside the engine's optimization profile [{lo}, {hi}]; "
-                    f"rebuild the engine with a profile that covers it"
-                )
-
+__all__ = ["PRECISIONS", "TORCH_DTYPES", "VARIABLES", "Dim", "GraphSpec", "ShapeRanges", "TensorSpec", "graph_names",
+           "graph_profile", "graph_specs", "input_profile_shapes", "pixel_multiple"]  # fmt: skip
 
 @dataclass(frozen=True)
 class ShapeRanges:
@@ -182,7 +30,7 @@ class ShapeRanges:
 
     def resolved(self, components) -> ShapeRanges:
         size = pixel_multiple(components)
-        default = components.unet.config.sample_size * components.vae_scale_factor
+        default = families.of(components).default_size(components)
         pixels = (size, default, max(default * 2, size))
         length = _sequence_length(components)
         ranges = ShapeRanges(
@@ -206,13 +54,12 @@ def _check_range(var: str, triple) -> None:
 
 
 def pixel_multiple(components) -> int:
-    """Image sizes the exported U-Net runs at: multiples of the VAE factor times 2 per U-Net down block
-    but the last. (Eager diffusers pads other sizes with Python control flow that a traced graph fixes.)"""
-    return components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
+    """Image sizes the exported U-Net runs at (the family's size multiple)."""
+    return families.of(components).size_multiple(components)
 
 
 def _sequence_length(components) -> int:
-    return int(components.tokenizers[0].model_max_length)
+    return families.of(components).sequence_length(components)
 
 
 def graph_profile(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, tuple[int, int, int]]:
@@ -244,65 +91,9 @@ def input_profile_shapes(spec: GraphSpec, profile: dict[str, tuple[int, int, int
 
 
 def graph_names(components) -> list[str]:
-    encoders = ["text_encoder", "text_encoder_2"][: len(components.text_encoders)]
-    return [*encoders, "unet", "vae_encoder", "vae_decoder"]
+    return families.of(components).graph_names(components)
 
 
 def graph_specs(components) -> dict[str, GraphSpec]:
-    """The specs of every graph of ``components`` (a :class:`diffrt.loading.Components`), by graph name."""
-    specs = {}
-    for index, name in enumerate(graph_names(components)[: len(components.text_encoders)]):
-        specs[name] = _text_encoder_spec(name, components.text_encoders[index])
-    specs["unet"] = _unet_spec(components)
-    specs.update(_vae_specs(components))
-    return specs
-
-
-def _text_encoder_spec(name: str, encoder) -> GraphSpec:
-    cfg = encoder.config
-    outputs = [TensorSpec("hidden", (Dim("batch"), Dim("sequence"), cfg.hidden_size))]
-    if type(encoder).__name__.endswith("WithProjection"):
-        outputs.append(TensorSpec("pooled", (Dim("batch"), cfg.projection_dim)))
-    return GraphSpec(
-        name,
-        (TensorSpec("input_ids", (Dim("batch"), Dim("sequence")), "int64", 0, cfg.vocab_size),),
-        tuple(outputs),
-        limits={"sequence": (1, cfg.max_position_embeddings)},
-    )
-
-
-def _unet_spec(components) -> GraphSpec:
-    cfg = components.unet.config
-    f = components.vae_scale_factor
-    b, h, w = Dim("batch"), Dim("height", f), Dim("width", f)
-    inputs = [
-        TensorSpec("sample", (b, cfg.in_channels, h, w)),
-        TensorSpec("timestep", (b,), "float32", 0.0, 1000.0),
-        TensorSpec("encoder_hidden_states", (b, Dim("sequence"), cfg.cross_attention_dim)),
-    ]
-    if cfg.get("addition_embed_type") == "text_time":
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        inputs += [TensorSpec("text_embeds", (b, pooled)), TensorSpec("time_ids", (b, 6), "float", 0.0, 1024.0)]
-    if cfg.get("time_cond_proj_dim"):
-        inputs.append(TensorSpec("timestep_cond", (b, cfg.time_cond_proj_dim)))
-    m = pixel_multiple(components)
-    return GraphSpec(
-        "unet",
-        tuple(inputs),
-        (TensorSpec("out", (b, cfg.out_channels, h, w)),),
-        multiples={"height": m, "width": m},
-    )
-
-
-def _vae_specs(components) -> dict[str, GraphSpec]:
-    cfg = components.vae.config
-    f = components.vae_scale_factor
-    b = Dim("batch")
-    image = TensorSpec("image", (b, cfg.in_channels, Dim("height"), Dim("width")), "float", -1.0, 1.0)
-    latent = TensorSpec("latent", (b, cfg.latent_channels, Dim("height", f), Dim("width", f)))
-    decoded = TensorSpec("image", (b, cfg.out_channels, Dim("height"), Dim("width")))
-    multiples = {"height": f, "width": f}
-    return {
-        "vae_encoder": GraphSpec("vae_encoder", (image,), (latent,), multiples=multiples),
-        "vae_decoder": GraphSpec("vae_decoder", (latent,), (decoded,), multiples=multiples),
-    }
+    """The specs of every graph of ``components``, by graph name (the family's)."""
+    return families.of(components).graph_specs(components)

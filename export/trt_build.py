@@ -18,39 +18,27 @@ library versions and GPU; written atomically under a lock; checked against their
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 
 import torch
 
-from . import artifacts
-from .artifacts import ArtifactError, file_record
+from .. import artifacts
+from ..artifacts import file_record
+from ..backends.tensorrt_backend import (  # noqa: F401  (INSTALL_HINT, refit_engine: also this module's API)
+    ENGINE_PRECISIONS,
+    INSTALL_HINT,
+    check_precision,
+    import_tensorrt,
+    refit_engine,
+)
+from . import cache
 from .onnx_export import ExportError, ensure_onnx, export_onnx, open_export
 from .specs import ShapeRanges, graph_names, graph_profile, graph_specs, input_profile_shapes
 
 log = logging.getLogger(__name__)
 
-ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
-INSTALL_HINT = "pip install tensorrt (TensorRT 10 or newer; it needs an NVIDIA GPU), or pip install 'diffrt[gpu]'"
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")  # kept float32 in bf16 builds
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module; a clear error naming the install when it is missing or too old."""
-    try:
-        import tensorrt as trt
-    except ImportError as err:
-        raise ValueError(f"TensorRT is not installed: {INSTALL_HINT}") from err
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise ValueError(f"TensorRT {trt.__version__} is too old: diffrt needs TensorRT >= 10 ({INSTALL_HINT})")
-    return trt
-
-
-def check_precision(precision: str) -> str:
-    if precision not in ENGINE_PRECISIONS:
-        raise ValueError(f"TensorRT precision must be one of {ENGINE_PRECISIONS}, got {precision!r}")
-    return precision
 
 
 def onnx_precision_for(precision: str) -> str:
@@ -142,21 +130,6 @@ def _load_timing_cache(config, path: Path | None):
     return config.get_timing_cache()
 
 
-def refit_engine(engine, onnx_path: Path) -> None:
-    """Replace a refittable engine's weights with those of ``onnx_path`` (same architecture, other weights)."""
-    trt = import_tensorrt()
-    if not engine.refittable:
-        raise ValueError("this engine was not built refittable: build it with refit=True")
-    logger = trt.Logger(trt.Logger.WARNING)
-    refitter = trt.Refitter(engine, logger)
-    parser = trt.OnnxParserRefitter(refitter, logger)
-    if not parser.refit_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ValueError(f"could not refit from {onnx_path}: {errors}")
-    if not refitter.refit_cuda_engine():
-        raise ValueError(f"TensorRT rejected the weights of {onnx_path} (different architecture?)")
-
-
 # ------------------------------------------------------------------------------------- engine folders
 def ensure_engines(
     components, *, precision: str, ranges: ShapeRanges | None = None, graphs: list[str] | None = None,
@@ -172,9 +145,8 @@ def ensure_engines(
         components, precision=onnx_precision_for(precision), graphs=graphs, cache_dir=cache_dir, model_hash=mhash
     )
     key = engine_key(mhash, precision, ranges, engine_versions(), device_signature(device), refit)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", components.name)[:40] or "model"
     root = artifacts.resolve_cache_dir(cache_dir) / "tensorrt"
-    folder = root / f"{name}-{mhash[:16]}" / f"{precision}-{key[:12]}"
+    folder = root / f"{artifacts.safe_name(components.name)}-{mhash[:16]}" / f"{precision}-{key[:12]}"
     timing = root / f"timing-{artifacts.key_hash([engine_versions()['tensorrt'], device_signature(device)])[:12]}.cache"
     manifest = _engine_folder(
         components, folder, onnx_folder, onnx_manifest, precision, ranges, graphs, key, mhash,
@@ -205,47 +177,32 @@ def build_engines(
 
 def open_engines(folder, components=None, graphs=None, model_hash: str | None = None) -> dict:
     """Read and verify an engine folder (as ``build_engines`` wrote) before loading its engines."""
-    folder = Path(folder)
-    manifest = artifacts.read_manifest(folder)
-    if manifest is None or manifest.get("kind") != "tensorrt":
-        raise ArtifactError(f"{folder} is not a diffrt TensorRT build (no valid {artifacts.MANIFEST})")
-    if components is not None:
-        mhash = model_hash or artifacts.model_hash(components)
-        if manifest["model"]["hash"] != mhash:
-            raise ArtifactError(f"{folder} was built from other weights (model hash {manifest['model']['hash'][:16]})")
-    for graph in graphs or list(manifest["graphs"]):
-        if graph not in manifest["graphs"]:
-            raise ArtifactError(f"{folder} has no {graph!r} engine; it has {sorted(manifest['graphs'])}")
-        problem = artifacts.verify_files(folder, [manifest["graphs"][graph]["engine"]])
-        if problem:
-            raise ArtifactError(f"refusing to load the {graph!r} engine: {problem}")
-    return manifest
+    if components is not None and model_hash is None:
+        model_hash = artifacts.model_hash(components)
+    return artifacts.open_folder(folder, "tensorrt", graphs, model_hash)
 
 
 def _engine_folder(components, folder, onnx_folder, onnx_manifest, precision, ranges, graphs, key, mhash, options,
                    device) -> dict:  # fmt: skip
     specs = graph_specs(components)
-    with artifacts.locked(Path(folder), f"TensorRT engines of {components.name}"):
-        manifest = artifacts.read_manifest(folder)
-        if manifest is None or manifest.get("key") != key:
-            manifest = {
-                "format": artifacts.EXPORT_FORMAT, "kind": "tensorrt", "key": key,
-                "model": {"name": components.name, "family": components.family, "hash": mhash},
-                "precision": precision, "ranges": ranges.as_dict(), "versions": engine_versions(),
-                "device": device_signature(device), "refit": bool(options["refit"]), "graphs": {},
-            }  # fmt: skip
-        for graph in graphs:
-            onnx_record = onnx_manifest["graphs"][graph]
-            record = manifest["graphs"].get(graph)
-            if record is not None and record.get("onnx_sha256") == onnx_record["onnx"]["sha256"]:
-                problem = artifacts.verify_files(Path(folder), [record["engine"]])
-                if problem is None:
-                    continue
-                log.warning("rebuilding the %s engine: %s", graph, problem)
-            manifest["graphs"][graph] = _build_graph(specs[graph], onnx_folder, onnx_record, folder, precision,
-                                                     ranges, options)  # fmt: skip
-            artifacts.atomic_write_json(Path(folder) / artifacts.MANIFEST, manifest)
-    return manifest
+
+    def new_manifest() -> dict:
+        return {
+            "format": artifacts.EXPORT_FORMAT, "kind": "tensorrt", "key": key,
+            "model": {"name": components.name, "family": components.family, "hash": mhash},
+            "precision": precision, "ranges": ranges.as_dict(), "versions": engine_versions(),
+            "device": device_signature(device), "refit": bool(options["refit"]), "graphs": {},
+        }  # fmt: skip
+
+    def current(graph: str, record: dict) -> bool:  # built from the ONNX file that is there now
+        return record.get("onnx_sha256") == onnx_manifest["graphs"][graph]["onnx"]["sha256"]
+
+    def make(graph: str) -> dict:
+        return _build_graph(specs[graph], onnx_folder, onnx_manifest["graphs"][graph], folder, precision, ranges,
+                            options)  # fmt: skip
+
+    return cache.fill(Path(folder), "tensorrt", key, graphs, what=f"TensorRT engines of {components.name}",
+                      new_manifest=new_manifest, make=make, keep=current)  # fmt: skip
 
 
 def _build_graph(spec, onnx_folder, onnx_record, folder, precision, ranges, options) -> dict:

@@ -22,9 +22,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ._common import interpreter_active
-from .attention import _attn_fwd_kernel, attention_config
-from .group_norm import PHASE_FUSED, PHASE_NORMALIZE, PHASE_PARTIAL_STATS, _group_norm_kernel
+from .attention import attention_config, attn_fwd_kernel
+from .group_norm import PHASE_FUSED, PHASE_NORMALIZE, PHASE_PARTIAL_STATS, group_norm_kernel
+from .launch import interpreter_active
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -64,7 +64,7 @@ def compile_group_norm(
         BLOCK_K=64,
     )  # fmt: skip
     signature.update({name: "constexpr" for name in constants})
-    src = ASTSource(_group_norm_kernel, signature, constants)
+    src = ASTSource(group_norm_kernel, signature, constants)
     return triton.compile(src, target=target, options={"num_warps": num_warps})
 
 
@@ -84,7 +84,7 @@ def compile_attention(dtype: torch.dtype, head_dim: int, seq_q: int, seq_k: int,
         EVEN_N=seq_k % cfg.block_n == 0, UPCAST=dtype == torch.float32,
     )  # fmt: skip
     signature.update({name: "constexpr" for name in constants if name not in signature})
-    src = ASTSource(_attn_fwd_kernel, signature, constants)
+    src = ASTSource(attn_fwd_kernel, signature, constants)
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return triton.compile(src, target=target, options=options), cfg
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80 = A100, 90 = H100)")
     parser.add_argument("--quick", action="store_true", help="a subset of the configurations")
     args = parser.parse_args(argv)
-    if interpreter_active(_group_norm_kernel):
+    if interpreter_active(group_norm_kernel):
         print("TRITON_INTERPRET is set: unset it to compile for a GPU", file=sys.stderr)
         return 2
     target = GPUTarget("cuda", args.arch, 32)

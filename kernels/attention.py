@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (
+from .launch import (
     autograd_problem,
     cdiv,
     device_problem,
@@ -43,7 +43,7 @@ _MAX_GRID_Y = 65535
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def attn_fwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -228,7 +228,7 @@ def _check_params(q, k, v, scale, out):
 
 
 def _kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> str | None:
-    problem = autograd_problem(q, k, v) or dtype_problem(q, "q") or device_problem(q, "q", _attn_fwd_kernel)
+    problem = autograd_problem(q, k, v) or dtype_problem(q, "q") or device_problem(q, "q", attn_fwd_kernel)
     if problem:
         return problem
     d = q.shape[-1]
@@ -285,12 +285,12 @@ def attention(
     if out is None:
         out = torch.empty((batch, seq_q, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
     softmax_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-    interpret = interpreter_active(_attn_fwd_kernel)
+    interpret = interpreter_active(attn_fwd_kernel)
     cfg = attention_config(
         seq_q, seq_k, head_dim, q.dtype, interpret=interpret, block_m=block_m, block_n=block_n
     )
     grid = (cdiv(seq_q, cfg.block_m), batch * heads)
-    _attn_fwd_kernel[grid](
+    attn_fwd_kernel[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_q, seq_k, softmax_scale * _LOG2E,

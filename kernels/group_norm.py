@@ -1,6 +1,6 @@
 """GroupNorm (+ optional SiLU) as Triton kernels, for Stable-Diffusion U-Nets and VAEs (inference only).
 
-Layout of this file (kernel, launcher with input checks, module wrapper).  ``_group_norm_kernel`` is one
+Layout of this file (kernel, launcher with input checks, module wrapper).  ``group_norm_kernel`` is one
 body compiled in three phases (a ``PHASE`` constexpr):
 
 * fused (``PHASE_FUSED``): one program per (sample, group); loops over the group twice (statistics, then
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._common import (
+from .launch import (
     autograd_problem,
     cdiv,
     device_problem,
@@ -65,7 +65,7 @@ PHASE_NORMALIZE = tl.constexpr(2)  # grid (N * G, K): merge the group's K partia
 
 
 @triton.jit
-def _group_norm_kernel(
+def group_norm_kernel(
     x_ptr,
     y_ptr,
     w_ptr,
@@ -317,7 +317,7 @@ def _kernel_problem(x: torch.Tensor, weight=None, bias=None) -> str | None:
             f"x has {x.ndim} dimensions (shape {tuple(x.shape)}); "
             "the kernel takes 3-D [N, C, L] or 4-D [N, C, H, W]"
         )
-    problem = dtype_problem(x, "x") or device_problem(x, "x", _group_norm_kernel)
+    problem = dtype_problem(x, "x") or device_problem(x, "x", group_norm_kernel)
     if problem:
         return problem
     if _layout(x) is None:
@@ -395,7 +395,7 @@ def group_norm(
     stride_c = 1 if channels_last else spatial
     rows = n * num_groups
     group_size = cg * spatial
-    interpret = interpreter_active(_group_norm_kernel)
+    interpret = interpreter_active(group_norm_kernel)
     cfg = group_norm_config(
         rows, group_size, interpret=interpret, device=x.device, chunk_size=chunk_size, block_size=block_size
     )
@@ -409,7 +409,7 @@ def group_norm(
         CHANNELS_LAST=channels_last, HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACTIVATION=act, BLOCK=cfg.block
     )
     if cfg.num_chunks == 1:
-        _group_norm_kernel[(rows, 1)](
+        group_norm_kernel[(rows, 1)](
             x, out, w, b, x, *args, PHASE=PHASE_FUSED.value, BLOCK_K=16, num_warps=cfg.num_warps, **flags
         )
         return out
@@ -417,7 +417,7 @@ def group_norm(
     grid = (rows, cfg.num_chunks)
     block_k = max(16, next_power_of_2(cfg.num_chunks))
     for phase in (PHASE_PARTIAL_STATS.value, PHASE_NORMALIZE.value):
-        _group_norm_kernel[grid](
+        group_norm_kernel[grid](
             x, out, w, b, partials, *args, PHASE=phase, BLOCK_K=block_k, num_warps=cfg.num_warps, **flags
         )
     return out

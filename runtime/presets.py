@@ -7,7 +7,12 @@ of those models for benchmarks and tests, not meaningful images. The tokenizer h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
+
+from .components import Components
+
+log = logging.getLogger(__name__)
 
 SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
@@ -56,7 +61,7 @@ class Preset:
     vocab_size: int = 49408
     default_size: int = 512
     notes: str = ""
-    defaults: dict = field(default_factory=lambda: {"steps": 20, "sampler": "dpmpp_2m", "guidance": 7.5})
+    defaults: dict | None = None  # sampling defaults beyond diffrt.defaults.BUILTIN
 
 
 PRESETS = {
@@ -110,7 +115,7 @@ PRESETS = {
         vocab_size=1000,
         default_size=64,
         notes="a tiny SD-shaped model (a few hundred thousand parameters) for tests, random weights",
-        defaults={"steps": 4, "sampler": "dpmpp_2m", "guidance": 5.0},
+        defaults={"steps": 4, "guidance": 5.0},
     ),
 }  # fmt: skip
 
@@ -120,21 +125,43 @@ def names() -> list[str]:
 
 
 def build_modules(preset: Preset, seed: int = 0):
-    """Instantiate (unet, vae, text_encoders, tokenizers, scheduler) with seeded random weights."""
+    """Instantiate (unet, vae, text_encoders, tokenizers, scheduler) with seeded random weights.
+
+    The weights come from torch's default generator seeded with ``seed`` inside ``torch.random.fork_rng``:
+    the caller's global random state is the same afterwards as before."""
     import diffusers
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .text import character_clip_tokenizer
 
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(**preset.unet)
-    vae = diffusers.AutoencoderKL(**preset.vae)
-    encoders, tokenizers = [], []
-    for cfg in preset.text_encoders:
-        cfg = dict(cfg)
-        model_class = CLIPTextModelWithProjection if cfg.pop("with_projection", False) else CLIPTextModel
-        encoders.append(model_class(CLIPTextConfig(**cfg)).eval())
-        tokenizers.append(character_clip_tokenizer(cfg["vocab_size"], cfg["max_position_embeddings"]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(**preset.unet)
+        vae = diffusers.AutoencoderKL(**preset.vae)
+        encoders, tokenizers = [], []
+        for cfg in preset.text_encoders:
+            cfg = dict(cfg)
+            model_class = CLIPTextModelWithProjection if cfg.pop("with_projection", False) else CLIPTextModel
+            encoders.append(model_class(CLIPTextConfig(**cfg)).eval())
+            tokenizers.append(character_clip_tokenizer(cfg["vocab_size"], cfg["max_position_embeddings"]))
     scheduler = diffusers.DDIMScheduler(**preset.scheduler, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return unet.eval(), vae.eval(), encoders, tokenizers, scheduler
+
+
+def load(preset: str | Preset, dtype=None) -> Components:
+    """A preset (by name, or a :class:`Preset` of one's own) as Components with seeded RANDOM weights (in
+    ``dtype`` when given)."""
+    from . import defaults
+
+    if not isinstance(preset, Preset):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(names())}")
+        preset = PRESETS[preset]
+    log.warning("preset %r: %s", preset.name, preset.notes)
+    unet, vae, encoders, tokenizers, scheduler = build_modules(preset)
+    if dtype is not None and dtype != unet.dtype:
+        for module in (unet, vae, *encoders):
+            module.to(dtype)
+    return Components(preset.name, preset.family, unet, vae, encoders, tokenizers, scheduler, random_weights=True,
+                      defaults=defaults.merged(preset.defaults))  # fmt: skip

@@ -1,47 +1,50 @@
-"""Backends run a pipeline's graphs (text encoders, U-Net, VAE) behind one small interface.
+"""Backends run a pipeline's graphs behind one small interface (:class:`diffrt.backends.base.Backend`).
 
-A backend is created from :class:`diffrt.loading.Components` and exposes ``run(graph, **inputs) -> dict``
-for the graphs ``text_encoder``, ``text_encoder_2`` (SDXL), ``unet``, ``vae_encoder`` and ``vae_decoder``;
-tensors in and out are named (see :mod:`diffrt.backends.torch_backend` for the names). Each backend module
-says whether it can run here; asking for one that cannot is a clear error.
+One module per backend: ``torch`` (eager), ``compile`` (torch.compile), ``triton`` (fused kernels, whole-loop
+CUDA graphs), ``onnxruntime`` and ``tensorrt`` (exported graphs). Each module says whether it can run here
+(``is_available()``) and builds its backend with ``create(components, device, dtype, **options)``. Backends
+that need something from the layers above the runtime (exported artifacts, the kernel patcher) take it as an
+argument; ``diffrt.load`` (:mod:`diffrt.api`) supplies it.
 """
 
 from __future__ import annotations
 
-import importlib
+from . import compile_backend, onnxruntime_backend, tensorrt_backend, torch_backend, triton_backend
 
-# name -> module under diffrt.backends; each module has is_available() -> (bool, reason) and create(...)
-_MODULES = {
-    "torch": "torch_backend",
-    "triton": "triton_backend",
-    "compile": "compile_backend",
-    "onnxruntime": "onnxruntime_backend",
-    "tensorrt": "tensorrt_backend",
+MODULES = {
+    "torch": torch_backend,
+    "triton": triton_backend,
+    "compile": compile_backend,
+    "onnxruntime": onnxruntime_backend,
+    "tensorrt": tensorrt_backend,
 }
 
 
 def names() -> list[str]:
-    return list(_MODULES)
+    return list(MODULES)
 
 
-def _module(name: str):
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; available: {', '.join(_MODULES)}")
-    return importlib.import_module(f".{_MODULES[name]}", __name__)
+def module(name: str):
+    if name not in MODULES:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(MODULES)}")
+    return MODULES[name]
 
 
 def availability() -> dict[str, str | None]:
     """Backend name -> None when it can run here, else the reason it cannot."""
     result = {}
-    for name in _MODULES:
-        ok, reason = _module(name).is_available()
+    for name, backend in MODULES.items():
+        ok, reason = backend.is_available()
         result[name] = None if ok else reason
     return result
 
 
 def create(name: str, components, device, dtype, **options):
-    module = _module(name)
-    ok, reason = module.is_available()
+    """Backend ``name`` from exactly what is given: the onnxruntime and tensorrt backends then need
+    ``artifacts=`` and triton ``patcher=``; :func:`diffrt.api.create_backend` (what ``diffrt.load`` uses)
+    supplies those from the export and kernel layers."""
+    backend = module(name)
+    ok, reason = backend.is_available()
     if not ok:
         raise ValueError(f"backend {name!r} cannot run here: {reason}")
-    return module.create(components, device, dtype, **options)
+    return backend.create(components, device, dtype, **options)

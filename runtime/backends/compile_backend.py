@@ -1,4 +1,4 @@
-"""The torch.compile backend: the eager modules compiled by TorchInductor (U-Net and VAE decoder).
+"""The torch.compile backend: the U-Net and VAE-decoder graph modules compiled by TorchInductor.
 
 Compilation happens on the first call of each graph and again for each new input shape (``dynamic=False``
 keeps the fastest static kernels; a benchmark's cold start shows the cost). ``mode`` is torch.compile's:
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from .base import check_options
 from .torch_backend import TorchBackend
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILED_GRAPHS = ("unet", "vae_decoder")
+OPTIONS = ("mode", "dynamic")
 
 
 def is_available() -> tuple[bool, str]:
@@ -28,28 +31,19 @@ class CompileBackend(TorchBackend):
             raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
         super().__init__(components, device, dtype)
         self.mode, self.dynamic = mode, dynamic
-        self._compiled_unet = self._compile(components.unet)
-        self._compiled_decode = self._compile(self._eager_decode)
+        self.compiled = {name: self._compile(name) for name in COMPILED_GRAPHS}
 
-    def _compile(self, fn):
-        return torch.compile(fn, mode=self.mode, dynamic=self.dynamic)
+    def _compile(self, graph: str):
+        return torch.compile(self.modules[graph], mode=self.mode, dynamic=self.dynamic)
 
-    def _eager_decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.components.vae.decode(latent).sample
-
-    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self._compiled_decode(latent)
-
-    def _unet_module(self):
-        return self._compiled_unet
+    def graph_module(self, graph: str):
+        return self.compiled[graph] if graph in self.compiled else self.modules[graph]
 
     def upcast_vae(self) -> None:
         super().upcast_vae()
-        self._compiled_decode = self._compile(self._eager_decode)  # recompile for float32
+        self.compiled["vae_decoder"] = self._compile("vae_decoder")  # recompile for float32
 
 
 def create(components, device, dtype, **options) -> CompileBackend:
-    unknown = set(options) - {"mode", "dynamic"}
-    if unknown:
-        raise ValueError(f"option(s) {sorted(unknown)} do not apply to the compile backend; allowed: mode, dynamic")
+    check_options("compile", options, OPTIONS)
     return CompileBackend(components, device, dtype, **options)

@@ -1,8 +1,9 @@
 """The ONNX Runtime backend: the pipeline's graphs exported to ONNX and run in ONNX Runtime sessions.
 
-Graph inputs and outputs are the torch backend's (the export specs in :mod:`diffrt.export.specs`), so the
-Pipeline is unchanged. The graphs come from the export cache (exported on first use) or from a folder
-``export_onnx`` wrote (``onnx_dir=``); their hashes are checked before a session loads them.
+Graph inputs and outputs are the family's graph specs, as for every backend, so the Pipeline is unchanged.
+The graphs come from an :class:`~diffrt.artifacts.ArtifactSource` (``artifacts=``): ``diffrt.load`` gives one
+that reads the export cache (exporting on first use) or a folder ``export_onnx`` wrote (``onnx_dir=``); their
+hashes are checked before a session loads them.
 
 Providers: the TensorRT, CUDA and CPU execution providers, in that order, from those installed (CPU only
 for device "cpu"), or the list given as ``providers=``; ``provider_options={"cuda": {...}}`` adds or
@@ -10,7 +11,8 @@ overrides ONNX Runtime provider options. On CUDA the inputs and outputs are boun
 buffers (IO binding), so latents never leave the GPU.
 
 Options (``diffrt.load(..., backend="onnxruntime", **options)``): providers, provider_options, precision
-("fp32"/"fp16"; default from dtype), cache_dir, onnx_dir, opset, exporter, threads.
+("fp32"/"fp16"; default from dtype), threads, cache_dir; and for the artifact source cache_dir, onnx_dir, opset,
+exporter (:data:`ARTIFACT_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import logging
 from pathlib import Path
 
 import torch
+
+from ..artifacts import ArtifactError, resolve_cache_dir
+from .base import check_options
+from .exported import ExportedBackend
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,8 @@ PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutio
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _DTYPE_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
-_OPTIONS = ("providers", "precision", "cache_dir", "onnx_dir", "opset", "exporter", "threads", "provider_options")
+OPTIONS = ("providers", "precision", "threads", "provider_options", "cache_dir")
+ARTIFACT_OPTIONS = ("cache_dir", "onnx_dir", "opset", "exporter")  # what diffrt.load gives the artifact source
 
 
 def is_available() -> tuple[bool, str]:
@@ -149,19 +156,42 @@ def _numpy_type(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
 
 
-class OnnxRuntimeBackend:
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options for running beside torch in one process."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT's warnings (e.g. fp16 constant folding on the CPU) are noise here
+    # ORT's idle threads otherwise spin after each run and starve torch's sampler ops between U-Net calls
+    # (measured: torch 50x slower on 2 cores)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def ort_session(path, providers=("CPUExecutionProvider",), options=None, provider_options=None):
+    """An ONNX Runtime session; a file that is no ONNX model is a clear error."""
+    import onnxruntime as ort
+
+    options = options or session_options()
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers), provider_options=provider_options)
+    except Exception as err:  # onnxruntime raises its own exception types per failure
+        raise ArtifactError(f"{path} could not be loaded as an ONNX model: {type(err).__name__}: {err}") from err
+
+
+class OnnxRuntimeBackend(ExportedBackend):
     name = "onnxruntime"
 
     def __init__(
-        self, components, device: torch.device, dtype: torch.dtype, *, providers=None, precision=None,
-        cache_dir=None, onnx_dir=None, opset=None, exporter="torchscript", threads=None, provider_options=None,
+        self, components, device: torch.device, dtype: torch.dtype, *, artifacts, providers=None, precision=None,
+        cache_dir=None, threads=None, provider_options=None,
     ):  # fmt: skip
-        from ..export import artifacts, graph_specs
-
-        self.components, self.device, self.dtype = components, device, dtype
-        self.precision = resolve_precision(dtype, precision)
+        precision = resolve_precision(dtype, precision)
         self.providers = choose_providers(device, providers)
-        if self.precision == "fp16" and not any(p in GPU_PROVIDERS for p in self.providers):
+        if precision == "fp16" and not any(p in GPU_PROVIDERS for p in self.providers):
             log.warning("fp16 graphs on the CPU execution provider run with casts to float32 around most nodes: "
                         "slower than fp32 there")  # fmt: skip
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -170,82 +200,33 @@ class OnnxRuntimeBackend:
             raise ValueError(f"provider_options must map provider names to option dicts, got {provider_options!r}")
         self.threads = threads
         self.provider_options = {PROVIDER_ALIASES.get(k, k): v for k, v in (provider_options or {}).items()}
-        self.cache_dir = artifacts.resolve_cache_dir(cache_dir)
-        self.onnx_dir = None if onnx_dir is None else Path(onnx_dir)
-        self.opset, self.exporter = opset, exporter
-        self.specs = graph_specs(components)
-        self.model_hash = artifacts.model_hash(components)
-        self.vae_precision = self.precision
-        self._sessions: dict[str, _Session] = {}
-        self._folders: dict[str, tuple[Path, dict]] = {}
-        self._graphs(self.precision, list(self.specs))  # export or verify now, so errors come at load time
+        self.cache_dir = resolve_cache_dir(cache_dir)
+        super().__init__(components, device, dtype, artifacts, precision)
         log.info("onnxruntime backend: %s graphs on %s", self.precision, " > ".join(self.providers))
-        for graph in self.specs:
-            if graph != "vae_encoder":  # (image-to-image only: opened on first use)
-                self._session(graph)
+        self.open_all()
 
-    def _graphs(self, precision: str, graphs: list[str]) -> tuple[Path, dict]:
-        """The folder holding ``graphs`` at ``precision``: the given onnx_dir, else the cache (exporting)."""
-        from ..export import ensure_onnx, open_export
-
-        if self.onnx_dir is not None and precision == self.precision:
-            manifest = open_export(self.onnx_dir, self.components, graphs, model_hash=self.model_hash)
-            if manifest["precision"] != precision:
-                raise ValueError(
-                    f"{self.onnx_dir} holds {manifest['precision']} graphs but precision {precision!r} was asked for"
-                )
-            self._folders[precision] = (self.onnx_dir, manifest)
-        else:  # the cache; also the fp32 VAE of an fp16 onnx_dir
-            self._folders[precision] = ensure_onnx(
-                self.components, precision=precision, opset=self.opset, exporter=self.exporter, graphs=graphs,
-                cache_dir=self.cache_dir, model_hash=self.model_hash,
-            )  # fmt: skip
-        return self._folders[precision]
-
-    def _session(self, graph: str) -> _Session:
-        if graph not in self._sessions:
-            precision = self.vae_precision if graph.startswith("vae") else self.precision
-            folder, manifest = self._folders[precision]
-            self._sessions[graph] = self._open_session(folder, manifest, graph)
-        return self._sessions[graph]
-
-    def _open_session(self, folder: Path, manifest: dict, graph: str) -> _Session:
-        from ..export.onnx_export import ort_session, session_options
-
-        options = session_options(self.threads)
+    def open_runner(self, folder: Path, manifest: dict, graph: str) -> _Session:
         record = manifest["graphs"][graph]
-        provider_options = [self._provider_options(p, record, manifest["precision"]) for p in self.providers]
-        session = ort_session(folder / record["onnx"]["file"], self.providers, options, provider_options)
+        provider_options = [self._provider_options(p, record, manifest) for p in self.providers]
+        session = ort_session(folder / record["onnx"]["file"], self.providers, session_options(self.threads),
+                              provider_options)  # fmt: skip
         wrapped = _Session(session, self.specs[graph], self.device)
         log.info("onnxruntime: %s (%s) runs on %s", graph, manifest["precision"], wrapped.provider)
         return wrapped
 
-    def _provider_options(self, provider: str, record: dict, precision: str) -> dict[str, str]:
-        cache = self.cache_dir / "ort-tensorrt" / f"{self.model_hash[:16]}-{precision}"
+    def _provider_options(self, provider: str, record: dict, manifest: dict) -> dict[str, str]:
+        precision = manifest["precision"]
+        cache = self.cache_dir / "ort-tensorrt" / f"{manifest['model']['hash'][:16]}-{precision}"
         user = self.provider_options.get(provider, {})
         return provider_options(provider, record["profile_shapes"], precision, self.device.index or 0, cache, user)
 
     def session_provider(self, graph: str) -> str:
         """The execution provider that runs ``graph`` (opening its session if needed)."""
-        return self._session(graph).provider
-
-    def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
-        if graph not in self.specs:
-            raise ValueError(f"unknown graph {graph!r}; this model has {list(self.specs)}")
-        return self._session(graph).run(inputs)
-
-    def upcast_vae(self) -> None:
-        """Run the VAE from its float32 export from now on (fp16 VAEs overflow on some latents)."""
-        if self.vae_precision == "fp32":
-            return
-        self._graphs("fp32", ["vae_encoder", "vae_decoder"])
-        self.vae_precision = "fp32"
-        for graph in ("vae_encoder", "vae_decoder"):
-            self._sessions.pop(graph, None)
+        return self.runner(graph).provider
 
 
-def create(components, device, dtype, **options) -> OnnxRuntimeBackend:
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"option(s) {unknown} do not apply to the onnxruntime backend; allowed: {', '.join(_OPTIONS)}")
-    return OnnxRuntimeBackend(components, device, dtype, **options)
+def create(components, device, dtype, *, artifacts=None, **options) -> OnnxRuntimeBackend:
+    check_options("onnxruntime", options, OPTIONS)
+    if artifacts is None:
+        raise ValueError("the onnxruntime backend needs artifacts= (an ArtifactSource); diffrt.load gives one")
+    return OnnxRuntimeBackend(components, device, dtype, artifacts=artifacts, **options)

@@ -1,7 +1,9 @@
 """The TensorRT backend: engines built from the ONNX exports, run on torch's CUDA stream with named buffers.
 
-Graph inputs and outputs are the torch backend's. Engines come from the engine cache (built on first use,
-see :mod:`diffrt.export.trt_build`) or from a folder ``build_engines`` wrote (``engine_dir=``). Each call
+Graph inputs and outputs are the family's graph specs. Engines come from an
+:class:`~diffrt.artifacts.ArtifactSource` (``artifacts=``): ``diffrt.load`` gives one that reads the engine
+cache (building on first use, :mod:`diffrt.export.trt_build`) or a folder ``build_engines`` wrote
+(``engine_dir=``). Each call
 binds torch tensors by name (``set_tensor_address``) and enqueues on the current stream: no host copies and
 no syncs. With ``cuda_graphs=True`` each input shape gets its own execution context, captured once as a
 CUDA graph and replayed. ``tensorrt`` is imported only when the backend is created.
@@ -16,15 +18,51 @@ from pathlib import Path
 
 import torch
 
+from .base import check_options
+from .exported import ExportedBackend
+
 log = logging.getLogger(__name__)
 
 _DTYPE_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_OPTIONS = ("precision", "cache_dir", "engine_dir", "ranges", "refit", "cuda_graphs", "max_graphs", "workspace_bytes")
+OPTIONS = ("precision", "cuda_graphs", "max_graphs")
+ARTIFACT_OPTIONS = ("cache_dir", "engine_dir", "ranges", "refit", "workspace_bytes")  # the artifact source's
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
+INSTALL_HINT = "pip install tensorrt (TensorRT 10 or newer; it needs an NVIDIA GPU), or pip install 'diffrt[gpu]'"
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module; a clear error naming the install when it is missing or too old."""
+    try:
+        import tensorrt as trt
+    except ImportError as err:
+        raise ValueError(f"TensorRT is not installed: {INSTALL_HINT}") from err
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise ValueError(f"TensorRT {trt.__version__} is too old: diffrt needs TensorRT >= 10 ({INSTALL_HINT})")
+    return trt
+
+
+def check_precision(precision: str) -> str:
+    if precision not in ENGINE_PRECISIONS:
+        raise ValueError(f"TensorRT precision must be one of {ENGINE_PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def refit_engine(engine, onnx_path: Path) -> None:
+    """Replace a refittable engine's weights with those of ``onnx_path`` (same architecture, other weights)."""
+    trt = import_tensorrt()
+    if not engine.refittable:
+        raise ValueError("this engine was not built refittable: build it with refit=True")
+    logger = trt.Logger(trt.Logger.WARNING)
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    if not parser.refit_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"could not refit from {onnx_path}: {errors}")
+    if not refitter.refit_cuda_engine():
+        raise ValueError(f"TensorRT rejected the weights of {onnx_path} (different architecture?)")
 
 
 def is_available() -> tuple[bool, str]:
-    from ..export.trt_build import INSTALL_HINT
-
     if importlib.util.find_spec("tensorrt") is None:
         return False, f"the tensorrt package is not installed ({INSTALL_HINT})"
     if not torch.cuda.is_available():
@@ -78,8 +116,6 @@ class _Engine:
         return outputs  # ordered on torch's stream: the inputs' memory is not reused before the engine is done
 
     def refit(self, onnx_path: Path) -> None:
-        from ..export.trt_build import refit_engine
-
         refit_engine(self.engine, onnx_path)
         self.captured.clear()  # graphs captured before the refit may hold the old weights' launches
 
@@ -122,104 +158,40 @@ class _CapturedShape:
         return {n: o.clone() for n, o in self.outputs.items()}
 
 
-class TensorRTBackend:
+class TensorRTBackend(ExportedBackend):
     name = "tensorrt"
 
-    def __init__(
-        self, components, device: torch.device, dtype: torch.dtype, *, precision=None, cache_dir=None,
-        engine_dir=None, ranges=None, refit=False, cuda_graphs=False, max_graphs=4, workspace_bytes=None,
-    ):  # fmt: skip
-        from ..export import artifacts, graph_specs
-        from ..export.specs import ShapeRanges
-        from ..export.trt_build import check_precision, import_tensorrt
-
+    def __init__(self, components, device: torch.device, dtype: torch.dtype, *, artifacts, precision=None,
+                 cuda_graphs=False, max_graphs=4):  # fmt: skip
         if device.type != "cuda":
             raise ValueError(f"the tensorrt backend runs on a CUDA GPU: load with device='cuda', not {str(device)!r}")
         self.trt = import_tensorrt()
-        self.components, self.device, self.dtype = components, device, dtype
-        self.precision = check_precision(precision or _DTYPE_PRECISION[dtype])
-        if self.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        precision = check_precision(precision or _DTYPE_PRECISION[dtype])
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use precision 'fp16'")
-        if isinstance(ranges, dict):
-            ranges = ShapeRanges(**{k: tuple(v) for k, v in ranges.items()})
-        if ranges is not None and not isinstance(ranges, ShapeRanges):
-            raise ValueError(f"ranges must be a ShapeRanges or a dict of (min, opt, max) triples, got {ranges!r}")
-        self.ranges = ranges
-        self.refit_enabled, self.cuda_graphs, self.max_graphs = bool(refit), bool(cuda_graphs), int(max_graphs)
-        self.workspace_bytes = workspace_bytes
-        self.cache_dir = artifacts.resolve_cache_dir(cache_dir)
-        self.engine_dir = None if engine_dir is None else Path(engine_dir)
-        self.specs = graph_specs(components)
-        self.model_hash = artifacts.model_hash(components)
+        self.cuda_graphs, self.max_graphs = bool(cuda_graphs), int(max_graphs)
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
-        self.vae_precision = self.precision
-        self._engines: dict[str, _Engine] = {}
-        self._folders: dict[str, tuple[Path, dict]] = {}
-        self._folder(self.precision, list(self.specs))
-        for graph in self.specs:
-            if graph != "vae_encoder":  # (image-to-image only: loaded on first use)
-                self._engine(graph)
-        log.info("tensorrt backend: %s engines from %s", self.precision, self._folders[self.precision][0])
+        super().__init__(components, device, dtype, artifacts, precision)
+        self.open_all()
+        log.info("tensorrt backend: %s engines from %s", self.precision, self.folder(self.precision)[0])
 
-    def _folder(self, precision: str, graphs: list[str]) -> tuple[Path, dict]:
-        from ..export.trt_build import ensure_engines, open_engines
-
-        if self.engine_dir is not None and precision == self.precision:
-            manifest = open_engines(self.engine_dir, self.components, graphs, model_hash=self.model_hash)
-            if manifest["precision"] != precision:
-                raise ValueError(f"{self.engine_dir} holds {manifest['precision']} engines, not {precision}")
-            self._folders[precision] = (self.engine_dir, manifest)
-        else:
-            self._folders[precision] = ensure_engines(
-                self.components, precision=precision, ranges=self.ranges, graphs=graphs, cache_dir=self.cache_dir,
-                refit=self.refit_enabled, workspace_bytes=self.workspace_bytes, model_hash=self.model_hash,
-                device=self.device,
-            )  # fmt: skip
-        return self._folders[precision]
-
-    def _engine(self, graph: str) -> _Engine:
-        if graph not in self._engines:
-            precision = self.vae_precision if graph.startswith("vae") else self.precision
-            if precision not in self._folders or graph not in self._folders[precision][1]["graphs"]:
-                self._folder(precision, [graph])
-            folder, manifest = self._folders[precision]
-            record = manifest["graphs"][graph]
-            self._engines[graph] = _Engine(self.trt, self.runtime, folder / record["engine"]["file"], self.specs[graph],
-                                           record, self.device, self.cuda_graphs, self.max_graphs)  # fmt: skip
-        return self._engines[graph]
-
-    def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
-        if graph not in self.specs:
-            raise ValueError(f"unknown graph {graph!r}; this model has {list(self.specs)}")
-        return self._engine(graph).run(inputs)
-
-    def upcast_vae(self) -> None:
-        """Run the VAE from float32 engines from now on (fp16 VAEs overflow on some latents)."""
-        if self.vae_precision == "fp32":
-            return
-        self._folder("fp32", ["vae_encoder", "vae_decoder"])
-        self.vae_precision = "fp32"
-        for graph in ("vae_encoder", "vae_decoder"):
-            self._engines.pop(graph, None)
+    def open_runner(self, folder: Path, manifest: dict, graph: str) -> _Engine:
+        record = manifest["graphs"][graph]
+        return _Engine(self.trt, self.runtime, folder / record["engine"]["file"], self.specs[graph], record,
+                       self.device, self.cuda_graphs, self.max_graphs)  # fmt: skip
 
     def refit(self, components) -> None:
         """Swap in the weights of ``components`` (same architecture, e.g. merged LoRA) without rebuilding:
-        their ONNX export is made (cached) and every loaded engine refitted from it."""
-        from ..export import ensure_onnx
-        from ..export.trt_build import onnx_precision_for
-
-        if not self.refit_enabled:
+        every loaded engine is refitted from the ONNX export of the new weights (made through the cache)."""
+        if not getattr(self.artifacts, "refit", False):
             raise ValueError("engines were built without refit: create the backend with refit=True")
-        for graph, engine in self._engines.items():
-            precision = self.vae_precision if graph.startswith("vae") else self.precision
-            folder, manifest = ensure_onnx(components, precision=onnx_precision_for(precision), graphs=[graph],
-                                           cache_dir=self.cache_dir)  # fmt: skip
-            engine.refit(folder / manifest["graphs"][graph]["onnx"]["file"])
+        for graph, engine in self._runners.items():
+            engine.refit(self.artifacts.refit_onnx(components, graph, self.graph_precision(graph)))
         self.components = components
 
 
-def create(components, device, dtype, **options) -> TensorRTBackend:
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"option(s) {unknown} do not apply to the tensorrt backend; allowed: {', '.join(_OPTIONS)}")
-    return TensorRTBackend(components, device, dtype, **options)
+def create(components, device, dtype, *, artifacts=None, **options) -> TensorRTBackend:
+    check_options("tensorrt", options, OPTIONS)
+    if artifacts is None:
+        raise ValueError("the tensorrt backend needs artifacts= (an ArtifactSource); diffrt.load gives one")
+    return TensorRTBackend(components, device, dtype, artifacts=artifacts, **options)

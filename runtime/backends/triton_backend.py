@@ -1,5 +1,9 @@
 """The Triton backend: eager PyTorch with the fused Triton kernels patched in, channels_last convolutions,
-and on CUDA the whole denoising loop captured as one CUDA graph per input shape and setting."""
+and on CUDA the whole denoising loop captured as one CUDA graph per input shape and setting.
+
+The kernel patcher (:func:`diffrt.kernels.patch`) sits in a layer above the runtime, so it is passed in as
+``patcher``; ``diffrt.load`` supplies it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,11 @@ import os
 
 import torch
 
+from ..graphs import LoopGraphCache
+from .base import check_options
 from .torch_backend import TorchBackend
+
+OPTIONS = ("capture_loop", "max_graphs")
 
 
 def is_available() -> tuple[bool, str]:
@@ -22,41 +30,43 @@ def is_available() -> tuple[bool, str]:
 class TritonBackend(TorchBackend):
     name = "triton"
 
-    def __init__(self, components, device, dtype, capture_loop: bool = True, max_graphs: int = 8):
+    def __init__(self, components, device, dtype, *, patcher, capture_loop: bool = True, max_graphs: int = 8):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton backend on the CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
         super().__init__(components, device, dtype)
-        from ..kernels import patch
-
-        self.patches = [patch(components.unet), patch(components.vae)]
+        self.patches = [patcher(components.unet), patcher(components.vae)]
         for module in (components.unet, components.vae):
             module.to(memory_format=torch.channels_last)
-        self.loop_graphs = None
         if capture_loop and device.type == "cuda":
-            from ..graphs import LoopGraphCache
+            self.loop_capture = LoopGraphCache(max_graphs)
 
-            self.loop_graphs = LoopGraphCache(max_graphs)
+    @property
+    def loop_graphs(self) -> LoopGraphCache | None:
+        """The earlier name of ``loop_capture``."""
+        return self.loop_capture
 
-    def _unet(self, sample, *args, **kwargs):
-        return super()._unet(sample.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+    def prepare(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prepared = super().prepare(graph, inputs)
+        if graph == "unet":
+            prepared["sample"] = prepared["sample"].contiguous(memory_format=torch.channels_last)
+        return prepared
 
     def upcast_vae(self) -> None:
         super().upcast_vae()
-        if self.loop_graphs is not None:
-            self.loop_graphs.clear()
+        if self.loop_capture is not None:
+            self.loop_capture.clear()
 
     def restore(self) -> None:
         """Undo the kernel patches (the modules go back to plain PyTorch)."""
         for handle in self.patches:
             handle.restore()
         self.patches = []
-        if self.loop_graphs is not None:
-            self.loop_graphs.clear()
+        if self.loop_capture is not None:
+            self.loop_capture.clear()
 
 
-def create(components, device, dtype, **options) -> TritonBackend:
-    unknown = set(options) - {"capture_loop", "max_graphs"}
-    if unknown:
-        allowed = "capture_loop, max_graphs"
-        raise ValueError(f"option(s) {sorted(unknown)} do not apply to the triton backend; allowed: {allowed}")
-    return TritonBackend(components, device, dtype, **options)
+def create(components, device, dtype, *, patcher=None, **options) -> TritonBackend:
+    check_options("triton", options, OPTIONS)
+    if patcher is None:
+        raise ValueError("the triton backend needs patcher= (diffrt.kernels.patch); diffrt.load passes it")
+    return TritonBackend(components, device, dtype, patcher=patcher, **options)

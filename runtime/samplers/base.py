@@ -1,4 +1,4 @@
-"""The sampler registry and the two phases every sampler has.
+"""The two phases every sampler has: planning on the host, the loop on the device.
 
 ``prepare`` does all host-side math (float64 numpy) and uploads per-step coefficients to the sample's device
 once; ``run`` is the loop, which only indexes those tensors and calls the denoiser: no ``.item()``, no
@@ -7,8 +7,6 @@ once; ``run`` is the loop, which only indexes those tensors and calls the denois
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +14,8 @@ import numpy as np
 import torch
 
 from ..schedules import Grid, validate_grid
+from . import methods  # noqa: F401  (registers the built-in samplers)
+from .registry import Sampler, available, get, register  # noqa: F401  (Sampler, available, register: earlier home)
 
 
 @dataclass(frozen=True)
@@ -41,36 +41,18 @@ class Plan:
     static: dict[str, Any] = field(default_factory=dict)  # python lists: orders, which steps add noise, ...
     noise_dtype: torch.dtype | None = None
 
+    def denoise(self, denoiser, x: torch.Tensor, i: int) -> torch.Tensor:
+        """One model evaluation at level i, returned in x's dtype."""
+        return denoise(denoiser, x, self.levels, i)
 
-@dataclass(frozen=True)
-class Sampler:
-    name: str
-    plan: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]  # (host arrays, **options) -> coefs, static
-    loop: Callable[..., torch.Tensor]  # (denoiser, x, plan, generator) -> x
-    stochastic: bool
-    summary: str
-
-    def options(self) -> list[str]:
-        params = inspect.signature(self.plan).parameters
-        return [p for p in params if p != "host"] + (["noise_dtype"] if self.stochastic else [])
-
-
-_REGISTRY: dict[str, Sampler] = {}
-
-
-def register(name: str, plan, loop, *, stochastic: bool = False, summary: str = "") -> None:
-    _REGISTRY[name] = Sampler(name, plan, loop, stochastic, summary)
-
-
-def available() -> list[str]:
-    """Names of all samplers, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> Sampler:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    def noise_like(self, x: torch.Tensor, generator) -> torch.Tensor:
+        """Standard normal noise shaped like x. ``generator`` may be a list with one generator per batch item,
+        so that item k's randomness does not depend on the rest of the batch."""
+        dtype = self.noise_dtype or x.dtype
+        if isinstance(generator, list | tuple):
+            parts = [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=dtype) for g in generator]
+            return torch.stack(parts).to(x.dtype)
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -153,16 +135,11 @@ def sample(name: str, denoiser, x: torch.Tensor, grid: Grid, *, generator=None, 
     return run(plan, denoiser, x.to(dtype), generator).to(x.dtype)
 
 
+# The module-level forms of Plan.denoise and Plan.noise_like (their earlier API, for samplers registered
+# from outside).
 def denoise(denoiser, x: torch.Tensor, levels: Levels, i: int) -> torch.Tensor:
-    """One model evaluation at level i, returned in x's dtype."""
     return denoiser(x, levels.alphas[i], levels.sigmas[i], levels.timesteps[i]).to(x.dtype)
 
 
 def noise_like(x: torch.Tensor, plan: Plan, generator) -> torch.Tensor:
-    """Standard normal noise shaped like x. ``generator`` may be a list with one generator per batch item,
-    so that item k's randomness does not depend on the rest of the batch."""
-    dtype = plan.noise_dtype or x.dtype
-    if isinstance(generator, list | tuple):
-        parts = [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=dtype) for g in generator]
-        return torch.stack(parts).to(x.dtype)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(x.dtype)
+    return plan.noise_like(x, generator)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import denoise, noise_like, register
+from .registry import register
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -57,10 +57,10 @@ def _plan_ancestral(host, eta: float):
 def _loop_ancestral(denoiser, x, plan, generator):
     c, levels = plan.coefs, plan.levels
     for i in range(levels.steps):
-        d = denoise(denoiser, x, levels, i)
+        d = plan.denoise(denoiser, x, i)
         x = c["x"][i] * x + c["d"][i] * d
         if plan.static["noisy"][i]:
-            x = x + c["z"][i] * noise_like(x, plan, generator)
+            x = x + c["z"][i] * plan.noise_like(x, generator)
     return x
 
 
@@ -113,10 +113,10 @@ def _loop_heun(denoiser, x, plan, generator):
     c, levels = plan.coefs, plan.levels
     for i in range(levels.steps):
         y = x * c["inv_f"][i]
-        d = (y - denoise(denoiser, x, levels, i)) * c["inv_tau"][i]
+        d = (y - plan.denoise(denoiser, x, i)) * c["inv_tau"][i]
         y_next = y + c["dt"][i] * d
         if plan.static["second"][i]:
-            d2 = (y_next - denoise(denoiser, y_next * c["f_next"][i], levels, i + 1)) * c["inv_tau_next"][i]
+            d2 = (y_next - plan.denoise(denoiser, y_next * c["f_next"][i], i + 1)) * c["inv_tau_next"][i]
             y_next = y + c["dt"][i] * 0.5 * (d + d2)
         x = y_next * c["f_next"][i]
     return x
@@ -136,9 +136,9 @@ def _plan_lcm(host):
 def _loop_lcm(denoiser, x, plan, generator):
     c, levels = plan.coefs, plan.levels
     for i in range(levels.steps):
-        x = c["d"][i] * denoise(denoiser, x, levels, i)
+        x = c["d"][i] * plan.denoise(denoiser, x, i)
         if plan.static["noisy"][i]:
-            x = x + c["z"][i] * noise_like(x, plan, generator)
+            x = x + c["z"][i] * plan.noise_like(x, generator)
     return x
 
 
@@ -216,11 +216,11 @@ def _loop_multistep(denoiser, x, plan, generator):
     c, levels = plan.coefs, plan.levels
     history = []
     for i in range(levels.steps):
-        history = [denoise(denoiser, x, levels, i)] + history[:2]
+        history = [plan.denoise(denoiser, x, i)] + history[:2]
         p = plan.static["orders"][i]
         x = _combine(x, c["x"][i], c["m"][i], history[:p])
         if "z" in c:
-            x = x + c["z"][i] * noise_like(x, plan, generator)
+            x = x + c["z"][i] * plan.noise_like(x, generator)
     return x
 
 
@@ -288,7 +288,7 @@ def _loop_singlestep(denoiser, x, plan, generator):
     c, levels = plan.coefs, plan.levels
     start, previous = x, None
     for i in range(levels.steps):
-        d = denoise(denoiser, x, levels, i)
+        d = plan.denoise(denoiser, x, i)
         if plan.static["orders"][i] == 1:
             start = x
             x = c["x"][i] * x + c["m"][i][0] * d
@@ -373,7 +373,7 @@ def _loop_unipc(denoiser, x, plan, generator):
     c, levels, static = plan.coefs, plan.levels, plan.static
     history, previous_x = [], x
     for i in range(levels.steps):
-        d = denoise(denoiser, x, levels, i)
+        d = plan.denoise(denoiser, x, i)
         if static["corrector"][i]:
             x = _combine(previous_x, c["qx"][i], c["qm"][i], [d] + history[: static["orders"][i - 1]])
         history = [d] + history[:2]

@@ -2,16 +2,20 @@
 
 ``diffrt train vae|fashion|fashion-flow|fashion-lcm|classifier --out DIR`` (see :mod:`diffrt.train.cli`)
 reproduces each model from Debian's ``dataset-fashion-mnist`` with the seeds and settings recorded in the
-folder's ``train.json``. Training runs on CUDA when present, else on the CPU.
+folder's ``train.json``. Training runs on CUDA when present, else on the CPU. Names load lazily, so the
+command line builds its help without importing torch.
 """
 
-from .classifier import ClassifierSettings, train_classifier
-from .common import TrainResult, TrainSettings
-from .diffusion import DiffusionSettings, train_diffusion, train_eps, train_flow
-from .lcm import LCMSettings, train_lcm
-from .vae import VAESettings, train_vae
+from ..lazy import lazy_attributes
 
-__all__ = [
-    "ClassifierSettings", "DiffusionSettings", "LCMSettings", "TrainResult", "TrainSettings", "VAESettings",
-    "train_classifier", "train_diffusion", "train_eps", "train_flow", "train_lcm", "train_vae",
-]  # fmt: skip
+_NAMES = {
+    "ClassifierSettings": ".classifier", "train_classifier": ".classifier",
+    "TrainResult": ".common", "TrainSettings": ".common",
+    "DiffusionSettings": ".diffusion", "train_diffusion": ".diffusion", "train_eps": ".diffusion",
+    "train_flow": ".diffusion",
+    "LCMSettings": ".lcm", "train_lcm": ".lcm",
+    "VAESettings": ".vae", "train_vae": ".vae",
+}  # fmt: skip
+__all__ = sorted(_NAMES)
+
+__getattr__ = lazy_attributes(__name__, _NAMES)

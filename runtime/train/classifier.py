@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench import quality
+from ..fashion import classifier as domain
 from . import common, data
 
 TARGET_ACCURACY = 0.91
@@ -71,7 +71,7 @@ def train_classifier(out, settings: ClassifierSettings | None = None, progress: 
     train = data.load_split("train", settings.data_root, settings.data_limit)
     test = data.load_split("test", settings.data_root, settings.data_limit)
     generator = common.seeded_generator(settings.seed)
-    model = quality.FashionClassifier(**classifier_shape(settings.size)).to(device).train()
+    model = domain.FashionClassifier(**classifier_shape(settings.size)).to(device).train()
     opt, lr_sched = common.optimizer(model.parameters(), settings)
     batches = common.Batches(len(train), settings.batch_size, generator)
     images, labels = train.images.to(device), train.labels.to(device)
@@ -87,11 +87,11 @@ def train_classifier(out, settings: ClassifierSettings | None = None, progress: 
         return loss
 
     losses = common.train_loop(step, settings.steps, "classifier", progress)
-    quality.save_classifier(model.cpu(), out)
-    model = quality.load_classifier(out, device)  # float16-rounded weights: what ships
+    domain.save_classifier(model.cpu(), out)
+    model = domain.load_classifier(out, device)  # float16-rounded weights: what ships
     test_accuracy = accuracy(model, test, device)
-    reference = quality.reference_statistics(model, data.to_unit(test.images, device), settings.kid_rows, settings.seed)
-    quality.save_reference(out / quality.REFERENCE_FILE, reference)
+    reference = domain.reference_statistics(model, data.to_unit(test.images, device), settings.kid_rows, settings.seed)
+    domain.save_reference(out / domain.REFERENCE_FILE, reference)
     metrics = {
         **common.loss_summary(losses), "test_accuracy": test_accuracy, "test_images": len(test),
         "meets_target": test_accuracy >= TARGET_ACCURACY, "params": common.count_params(model),
@@ -99,16 +99,16 @@ def train_classifier(out, settings: ClassifierSettings | None = None, progress: 
         "train_images": len(train), "wall_s": timer.seconds(),
     }  # fmt: skip
     config = {**model.config(), "class_names": list(data.CLASS_NAMES), "test_accuracy": test_accuracy}
-    quality.save_classifier(model.cpu(), out, extra=config)
+    domain.save_classifier(model.cpu(), out, extra=config)
     common.write_run(out, "classifier", settings, metrics)
     common.write_model_card(out, "Fashion-MNIST classifier (quality metrics)", {
-        "Model": f"A {metrics['params']:,}-parameter CNN (`diffrt.bench.quality.FashionClassifier`), float16 "
+        "Model": f"A {metrics['params']:,}-parameter CNN (`diffrt.fashion.classifier.FashionClassifier`), float16 "
                  f"weights. Its {model.num_features}-wide penultimate layer gives the domain FID/KID features.",
         "Data": common.DATA_CARD,
         "Training": f"`diffrt train classifier`: {common.run_summary(settings, metrics)} Settings:\n\n"
                     f"{common.settings_text(settings)}",
         "Metrics": f"Test accuracy {test_accuracy:.4f} on {len(test)} images (target {TARGET_ACCURACY}). "
-                   f"`{quality.REFERENCE_FILE}`: FID/KID state of the test images for this exact classifier.",
+                   f"`{domain.REFERENCE_FILE}`: FID/KID state of the test images for this exact classifier.",
         "Licence": "MIT (model and data).",
     })  # fmt: skip
     return common.TrainResult(out, losses, metrics)

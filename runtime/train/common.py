@@ -18,6 +18,10 @@ from pathlib import Path
 
 import torch
 
+from .. import devices
+from ..files import make_readable
+from ..results import write_result
+
 SIZES = ("full", "tiny")  # "tiny": a few-thousand-parameter model of the same classes, for smoke runs
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -70,9 +74,7 @@ class TrainResult:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    from ..pipeline import resolve_device as resolve
-
-    return resolve(name)
+    return devices.resolve_device(name)
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -212,8 +214,6 @@ class Timer:
 
 def write_run(folder: Path, kind: str, settings: TrainSettings, metrics: dict) -> Path:
     """``train.json``: the settings and results with the environment stamp of diffrt's benchmark files."""
-    from ..bench.harness import write_result
-
     make_readable(folder)
     return write_result(Path(folder) / "train.json", f"train-{kind}", settings.as_dict(), metrics)
 
@@ -226,17 +226,6 @@ def write_model_card(folder: Path, title: str, sections: dict[str, str]) -> Path
     path = Path(folder) / "README.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def make_readable(folder: Path) -> None:
-    """Give the weight files the umask's permissions: safetensors writes them 0600, unreadable to other users
-    of a shared output folder."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in Path(folder).rglob("*.safetensors"):
-        path.chmod(0o666 & ~umask)
 
 
 def run_summary(settings: TrainSettings, metrics: dict) -> str:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .. import folders
+from ..components import Components
 from . import common, data, models, text
 
 OBJECTIVES = ("eps", "flow")
@@ -65,14 +67,10 @@ def load_vae(folder, device):
     """A VAE folder written by ``diffrt train vae`` (checks it maps 32x32x3 to 8x8x4)."""
     from diffusers import AutoencoderKL
 
-    from ..loading import _load, _require_safetensors
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a VAE folder (no config.json); make one with `diffrt train vae`")
-    _require_safetensors(folder)
-    options = dict(local_files_only=True, use_safetensors=True)
-    vae = _load("vae", folder, lambda: AutoencoderKL.from_pretrained(folder, **options))
+    vae = folders.load_model(AutoencoderKL, folder, "vae")
     if vae.config.latent_channels != models.LATENT_CHANNELS or len(vae.config.block_out_channels) != 3:
         raise ValueError(f"{folder}: expected a 3-block VAE with {models.LATENT_CHANNELS} latent channels")
     return vae.to(device).eval().requires_grad_(False)
@@ -152,9 +150,7 @@ def initial_unet(settings: DiffusionSettings, cross_attention_dim: int):
     """
     if settings.init is None:
         return models.build_unet(settings.size, cross_attention_dim=cross_attention_dim)
-    from ..loading import load_components
-
-    previous = load_components(Path(settings.init), dtype=torch.float32)
+    previous = folders.load_folder(Path(settings.init), dtype=torch.float32)
     if previous.is_consistency or (settings.objective == "flow" and not previous.is_flow):
         kind = "a consistency" if previous.is_consistency else "an eps"
         allowed = "a flow folder" if settings.objective == "flow" else "an eps or flow folder"
@@ -231,11 +227,9 @@ _DESCRIPTIONS = {
 def save_pipeline(out: Path, name, unet, vae, encoder, tokenizer, scheduler, defaults, settings, metrics) -> Path:
     """A diffusers-format StableDiffusionPipeline folder (diffrt.load and diffusers both read it), train.json
     and a model card."""
-    from ..loading import Components, save_components
-
     components = Components(name, "sd", unet.eval(), vae.eval(), [encoder.eval()], [tokenizer], scheduler,
                             defaults=dict(defaults))  # fmt: skip
-    save_components(components, out)
+    folders.save_folder(components, out)
     common.write_run(out, name, settings, metrics)
     common.write_model_card(out, f"{name}: text-to-image latent diffusion on Fashion-MNIST", {
         "Model": f"diffusers UNet2DConditionModel, {metrics['params']:,} parameters, on the 8x8x4 latents of the "

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .. import loading
 from . import common, data, models
 from .diffusion import prepare_latents, save_pipeline
 
@@ -107,9 +108,7 @@ def make_student(teacher_unet, cond_dim: int, cond_init: str = "zero"):
 
 
 def load_teacher(folder):
-    from ..loading import load_components
-
-    teacher = load_components(folder, dtype=torch.float32)
+    teacher = loading.load_components(folder, dtype=torch.float32)
     if teacher.is_flow or teacher.is_consistency or teacher.prediction_type != "epsilon":
         raise ValueError(f"{folder}: the LCM teacher must be an eps-prediction model (a `fashion` folder), "
                          f"got {type(teacher.scheduler).__name__} / {teacher.prediction_type}")  # fmt: skip

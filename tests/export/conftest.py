@@ -48,11 +48,11 @@ def tiny():
 def tiny_sdxl():
     import torch
 
+    from diffrt import presets
     from diffrt.backends import create
-    from diffrt.loading import _from_preset
     from diffrt.pipeline import Pipeline
 
-    components = _from_preset(TINY_SDXL, None)
+    components = presets.load(TINY_SDXL)
     return Pipeline(components, create("torch", components, torch.device("cpu"), torch.float32),
                     torch.device("cpu"), torch.float32)  # fmt: skip
 

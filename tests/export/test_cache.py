@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import diffrt
-from diffrt.export import ArtifactError, artifacts, ensure_onnx, model_hash, open_export
+from diffrt import artifacts, files
+from diffrt.export import ArtifactError, ensure_onnx, model_hash, open_export
 from diffrt.export import onnx_export as ox
 
 
@@ -47,21 +49,21 @@ def test_cache_dir_comes_from_the_option_then_the_environment(monkeypatch, tmp_p
     assert artifacts.resolve_cache_dir(None) == tmp_path / "env"
     assert artifacts.resolve_cache_dir(tmp_path / "opt") == tmp_path / "opt"
     monkeypatch.delenv("DIFFRT_CACHE")
-    assert artifacts.default_cache_dir() == artifacts.Path.home() / ".cache" / "diffrt"
+    assert artifacts.default_cache_dir() == Path.home() / ".cache" / "diffrt"
 
 
 def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path, monkeypatch):
     target = tmp_path / "a.bin"
-    artifacts.atomic_write_bytes(target, b"old")
-    artifacts.atomic_write_bytes(target, b"new contents")
+    files.atomic_write_bytes(target, b"old")
+    files.atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"new contents"
 
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifacts.os, "replace", fail)
+    monkeypatch.setattr(files.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        artifacts.atomic_write_bytes(target, b"half")
+        files.atomic_write_bytes(target, b"half")
     assert target.read_bytes() == b"new contents"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
 
@@ -102,7 +104,7 @@ def test_a_corrupt_cached_artifact_is_rebuilt_never_loaded(tiny, cached, damage,
     with caplog.at_level(logging.WARNING, logger="diffrt.export"):
         _, repaired = ensure_onnx(tiny.components, cache_dir=cache, graphs=["text_encoder", "vae_decoder"])
     if damage != "delete":
-        assert "rebuilding graph 'text_encoder'" in caplog.text
+        assert "rebuilding onnx graph 'text_encoder'" in caplog.text
     assert repaired["graphs"]["text_encoder"]["onnx"]["sha256"] == artifacts.file_sha256(path)
     open_export(folder, tiny.components)
     ox.ort_session(path)
@@ -169,7 +171,7 @@ def test_two_processes_exporting_into_one_cache_both_succeed_with_one_artifact(t
     assert any("waiting for another process" in err for _, err in outs)  # they did overlap
     folders = {out.strip().splitlines()[-1] for out, _ in outs}
     assert len(folders) == 1
-    folder = artifacts.Path(folders.pop())
+    folder = Path(folders.pop())
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "manifest.json", "text_encoder.onnx", "unet.onnx"]
     assert len(list(cache.rglob("*.onnx"))) == 2
     open_export(folder)  # every file matches its recorded hash

@@ -53,7 +53,7 @@ def test_generate_on_onnxruntime(tmp_path, capsys):
 
 
 def test_stage_latency_benchmark_runs_both_backends(tmp_path):
-    from diffrt.export.bench import format_table, stage_latency
+    from diffrt.bench.stages import format_table, stage_latency
 
     rows = stage_latency("tiny", batches=(1,), repeats=1, warmup=0, size=32, cache_dir=tmp_path)
     assert [r["stage"] for r in rows] == ["text_encoder", "unet", "vae_decoder"]

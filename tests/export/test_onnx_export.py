@@ -102,7 +102,7 @@ def test_fp16_export_keeps_normalization_and_softmax_in_float32(tiny, fp16_expor
 
 
 def _is_float32(model, name) -> bool:
-    return ox._elem_types(model).get(name) == onnx.TensorProto.FLOAT
+    return ox.elem_types(model).get(name) == onnx.TensorProto.FLOAT
 
 
 def test_keep_fp32_wraps_a_float16_softmax_in_casts():

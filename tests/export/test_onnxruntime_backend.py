@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffrt
+from diffrt.api import create_backend
 from diffrt.backends import onnxruntime_backend as orb
 
 PROMPT = "a red sneaker"
@@ -37,11 +38,11 @@ def test_image_to_image_runs_the_vae_encoder(tiny, ort_tiny):
 
 
 def test_sdxl_shaped_pipeline_matches_torch(tiny_sdxl, tmp_path):
-    from diffrt.backends import create
+    from diffrt.api import create_backend
     from diffrt.pipeline import Pipeline
 
     components = tiny_sdxl.components
-    runner = create("onnxruntime", components, torch.device("cpu"), torch.float32, cache_dir=tmp_path)
+    runner = create_backend("onnxruntime", components, torch.device("cpu"), torch.float32, cache_dir=tmp_path)
     pipe = Pipeline(components, runner, torch.device("cpu"), torch.float32)
     kw = dict(steps=3, seed=1, num_images=2, output_type="np")
     assert np.abs(pipe("a cat", **kw) - tiny_sdxl("a cat", **kw)).mean() <= 1 / 255
@@ -84,7 +85,7 @@ def test_provider_order_and_choice():
 def test_unsupported_precisions_and_options_are_clear_errors(tiny, tmp_path, kwargs, message):
     dtype = kwargs.pop("dtype", torch.float32)
     with pytest.raises(ValueError, match=message):
-        orb.create(tiny.components, torch.device("cpu"), dtype, cache_dir=tmp_path, **kwargs)
+        create_backend("onnxruntime", tiny.components, torch.device("cpu"), dtype, cache_dir=tmp_path, **kwargs)
 
 
 def test_a_size_the_exported_unet_cannot_run_is_a_clear_error(ort_tiny):
@@ -93,7 +94,8 @@ def test_a_size_the_exported_unet_cannot_run_is_a_clear_error(ort_tiny):
 
 
 def test_fp16_graphs_and_the_float32_vae_fallback(tiny, tmp_path):
-    backend = orb.create(tiny.components, torch.device("cpu"), torch.float32, precision="fp16", cache_dir=tmp_path)
+    backend = create_backend("onnxruntime", tiny.components, torch.device("cpu"), torch.float32, precision="fp16",
+                             cache_dir=tmp_path)
     latent = torch.randn(1, 4, 8, 8)
     assert backend.run("vae_decoder", latent=latent)["image"].dtype == torch.float16
     backend.upcast_vae()
@@ -116,7 +118,7 @@ def test_load_from_an_export_folder(tiny, fp32_export, tmp_path):
     kw = dict(steps=2, seed=0, output_type="np")
     assert np.abs(pipe(PROMPT, **kw) - tiny(PROMPT, **kw)).mean() <= 1 / 255
     assert not (tmp_path / "unused" / "onnx").exists()
-    with pytest.raises(ValueError, match="holds fp32 graphs but precision 'fp16'"):
+    with pytest.raises(ValueError, match="holds fp32 onnx graphs but precision 'fp16'"):
         diffrt.load("tiny", device="cpu", backend="onnxruntime", onnx_dir=folder, precision="fp16")
 
 

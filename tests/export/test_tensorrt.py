@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import diffrt
-from diffrt.backends import availability, create
+from diffrt.api import create_backend as create
+from diffrt.backends import availability
 from diffrt.export import ShapeRanges, graph_profile, graph_specs, input_profile_shapes, model_hash, trt_build
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -129,7 +130,7 @@ def test_fp16_engines_and_cuda_graphs(tmp_path):
 @pytest.mark.tensorrt
 def test_a_corrupt_engine_is_rebuilt(gpu_pipes):
     _, engines, cache = gpu_pipes
-    folder, manifest = engines.backend._folders["fp32"]
+    folder, manifest = engines.backend.folder("fp32")
     path = folder / manifest["graphs"]["vae_decoder"]["engine"]["file"]
     path.write_bytes(path.read_bytes()[:1000])
     folder2, repaired = trt_build.ensure_engines(engines.components, precision="fp32", cache_dir=cache,

@@ -166,7 +166,7 @@ def test_device_errors(monkeypatch):
     with pytest.raises(ValueError, match="one device"):
         attention(_t(1, 2, 8, 16), q, q)
     if DEVICE == "cpu":
-        monkeypatch.setattr(sys.modules["diffrt.kernels._common"], "interpreter_active", lambda kernel: False)
+        monkeypatch.setattr(sys.modules["diffrt.kernels.launch"], "interpreter_active", lambda kernel: False)
         x = _t(1, 2, 8, 16)
         with pytest.raises(ValueError, match="Triton interpreter is off"):
             attention(x, x, x)

@@ -219,7 +219,7 @@ def test_device_errors(monkeypatch):
         group_norm(torch.randn(2, 12, 4, 4), 3, w)
     if DEVICE == "cpu":
         # CPU tensors without the interpreter: a clear error, or torch when asked.
-        monkeypatch.setattr(sys.modules["diffrt.kernels._common"], "interpreter_active", lambda kernel: False)
+        monkeypatch.setattr(sys.modules["diffrt.kernels.launch"], "interpreter_active", lambda kernel: False)
         x = torch.randn(2, 12, 4, 4)
         with pytest.raises(ValueError, match="Triton interpreter is off"):
             group_norm(x, 3)

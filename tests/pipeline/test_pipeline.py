@@ -57,8 +57,9 @@ def test_guidance_off_skips_the_unconditional_pass(tiny):
 
 
 def test_stage_timings_are_recorded(tiny):
-    tiny(PROMPT, steps=3, sampler="heun", seed=0, **SIZE)
-    stages = tiny.stages
+    result = tiny.generate(PROMPT, steps=3, sampler="heun", seed=0, **SIZE)
+    stages = result.stages
+    assert tiny.stages is stages and result.seeds == tiny.last_seeds == [0]
     assert len(stages.unet_calls_ms) == 5  # heun: 2 calls per step but the last
     assert stages.text_encode_ms > 0 and stages.vae_decode_ms > 0
     assert stages.total_ms >= stages.denoise_ms + stages.vae_decode_ms
@@ -78,7 +79,7 @@ def test_img2img_at_strength_one_is_text_to_image(tiny):
 def test_img2img_at_small_strength_stays_near_the_image(tiny):
     # random weights: compare in latent space, where the encoded picture is the fixed point to stay near
     picture = _picture()
-    encoded = tiny._encode_image(picture * 2 - 1)
+    encoded = tiny.encode_image(picture)
     kw = dict(steps=10, seed=3, output_type="latent", guidance=1.0, **SIZE)
     light = tiny(PROMPT, image=picture, strength=0.1, **kw)
     text_only = tiny(PROMPT, **kw)
@@ -91,7 +92,7 @@ def test_inpainting_keeps_unmasked_latents_and_pixels(tiny):
     mask[..., 16:48, 16:48] = 1  # repaint the middle
     kw = dict(steps=4, seed=5, image=picture, mask_image=mask, **SIZE)
     latents = tiny(PROMPT, output_type="latent", **kw)
-    encoded = tiny._encode_image(picture * 2 - 1)
+    encoded = tiny.encode_image(picture)
     keep = torch.ones(1, 1, 8, 8, dtype=torch.bool)
     keep[..., 2:6, 2:6] = False
     torch.testing.assert_close(latents[keep.expand_as(latents)], encoded[keep.expand_as(encoded)])
@@ -102,7 +103,7 @@ def test_inpainting_keeps_unmasked_latents_and_pixels(tiny):
     assert (pixels[0][:, ~outside] - picture[0][:, ~outside]).abs().mean() > 0.05
     # without the overlay, the decoder's output differs there (its receptive field is global)
     raw = tiny(PROMPT, output_type="pt", overlay=False, **kw)
-    torch.testing.assert_close(raw, tiny._decode(latents))
+    torch.testing.assert_close(raw, tiny.decode(latents))
 
 
 def test_concurrent_calls_are_serialized_and_correct(tiny):
@@ -124,6 +125,23 @@ def test_concurrent_calls_are_serialized_and_correct(tiny):
     assert not errors
     for s in range(4):
         torch.testing.assert_close(results[s], expected[s], rtol=0, atol=0)
+
+
+def test_concurrent_generate_calls_each_get_their_own_seeds_and_timings(tiny):
+    kw = dict(steps=2, output_type="pt", **SIZE)
+    results = {}
+
+    def work(seed):
+        results[seed] = tiny.generate(PROMPT, seed=seed, **kw)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {s: r.seeds for s, r in results.items()} == {s: [s] for s in range(3)}
+    assert len({id(r.stages) for r in results.values()}) == 3
+    assert all(len(r.stages.unet_calls_ms) == 2 for r in results.values())
 
 
 def test_long_prompt_is_truncated_with_a_warning(tiny, caplog):
@@ -150,7 +168,7 @@ def test_fp16_vae_falls_back_to_float32_on_overflow(tiny):
             self.upcast = True
 
     pipe = Pipeline(tiny.components, Overflowing(), torch.device("cpu"), torch.float16)
-    out = pipe._decode(torch.zeros(1, 4, 1, 1))
+    out = pipe.decode(torch.zeros(1, 4, 1, 1))
     assert torch.isfinite(out).all() and pipe.backend.upcast
 
 

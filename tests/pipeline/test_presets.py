@@ -49,3 +49,15 @@ def test_presets_say_their_weights_are_random():
 
 def test_loaded_preset_is_marked_random(tiny, caplog):
     assert tiny.components.random_weights and "RANDOM weights" in repr(tiny)
+
+
+def test_building_a_preset_leaves_the_callers_random_state_alone():
+    from diffrt import presets
+    from diffrt.fingerprint import weights_digest
+
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    first = presets.load("tiny")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    second = presets.load("tiny")
+    assert weights_digest({"unet": first.unet}) == weights_digest({"unet": second.unet})  # seeded: the same each time

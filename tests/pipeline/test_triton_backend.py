@@ -40,12 +40,12 @@ def test_restore_returns_plain_modules(pair):
 def test_whole_loop_is_one_cuda_graph_replayed_per_shape(pair):
     eager, fused = pair
     first = fused("a red sneaker", sampler="dpmpp_2m", **KW)
-    assert len(fused.backend.loop_graphs) == 1 and fused.stages.unet_calls_ms == []
+    assert len(fused.backend.loop_capture) == 1 and fused.stages.unet_calls_ms == []
     second = fused("a blue coat", sampler="dpmpp_2m", **KW)  # same shapes: replay with new conditioning
-    assert len(fused.backend.loop_graphs) == 1
+    assert len(fused.backend.loop_capture) == 1
     torch.testing.assert_close(second, eager("a blue coat", sampler="dpmpp_2m", **KW), rtol=2e-3, atol=2e-3)
     fused("a red sneaker", sampler="dpmpp_2m", **{**KW, "height": 128})
-    assert len(fused.backend.loop_graphs) == 2
+    assert len(fused.backend.loop_capture) == 2
     torch.testing.assert_close(first, eager("a red sneaker", sampler="dpmpp_2m", **KW), rtol=2e-3, atol=2e-3)
 
 

@@ -1,0 +1,68 @@
+"""``diffrt.load``: a model source and a backend put together into a :class:`~diffrt.pipeline.Pipeline`.
+
+This is the one place that knows every layer: it gives the backends what they need from above the runtime
+(exported artifacts from :mod:`diffrt.export` for onnxruntime and tensorrt, the kernel patcher from
+:mod:`diffrt.kernels` for triton), so the runtime itself imports neither.
+"""
+
+from __future__ import annotations
+
+from . import backends
+from .backends.base import check_options
+from .devices import resolve_device_dtype
+from .loading import load_components
+from .pipeline import VAE_PRECISIONS, Pipeline
+
+
+def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precision: str = "auto",
+         **backend_options) -> Pipeline:  # fmt: skip
+    """Load an embedded model or a preset (by name) or a local diffusers folder as a Pipeline.
+
+    ``device``: "cpu", "cuda" (default: cuda when available); ``dtype``: torch.float32/float16/bfloat16 or
+    their names (default: float16 on CUDA, float32 on CPU); ``backend``: one of ``diffrt.backends.names()``;
+    ``backend_options``: that backend's (e.g. ``providers=`` for onnxruntime, ``mode=`` for compile).
+    """
+    device, dtype = resolve_device_dtype(device, dtype)
+    _check_backend(backend, backend_options)  # before any heavy loading
+    if vae_precision not in VAE_PRECISIONS:
+        raise ValueError(f"vae_precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
+    components = load_components(source, dtype=dtype)
+    runner = create_backend(backend, components, device, dtype, **backend_options)
+    return Pipeline(components, runner, device, dtype, vae_precision=vae_precision)
+
+
+def create_backend(name: str, components, device, dtype, **options):
+    """Backend ``name`` for loaded ``components``, with what it needs from the export and kernel layers."""
+    module = _check_backend(name, options)
+    artifact_options = {k: v for k, v in options.items() if k in getattr(module, "ARTIFACT_OPTIONS", ())}
+    options = {k: v for k, v in options.items() if k in module.OPTIONS}
+    if name == "onnxruntime":
+        from .export.sources import OnnxSource
+
+        options["artifacts"] = OnnxSource(components, **artifact_options)
+    elif name == "tensorrt":
+        from .export.sources import EngineSource
+
+        if device.type != "cuda":
+            raise ValueError(f"the tensorrt backend runs on a CUDA GPU: load with device='cuda', not {str(device)!r}")
+        options["artifacts"] = EngineSource(components, device, **artifact_options)
+    elif name == "triton":
+        from .kernels import patch
+
+        options["patcher"] = patch
+    return backends.create(name, components, device, dtype, **options)
+
+
+def _check_backend(name: str, options: dict):
+    """The backend's module, once it is known to run here and to take ``options``."""
+    module = backends.module(name)
+    ok, reason = module.is_available()
+    if not ok:
+        raise ValueError(f"backend {name!r} cannot run here: {reason}")
+    check_options(name, options, _allowed_options(module))
+    return module
+
+
+def _allowed_options(module) -> tuple[str, ...]:
+    """A backend's own options and, for the exported-graph backends, those of its artifact source."""
+    return (*module.OPTIONS, *getattr(module, "ARTIFACT_OPTIONS", ()))

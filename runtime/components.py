@@ -1,0 +1,57 @@
+"""The modules of one text-to-image model and the facts the pipeline reads off them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import defaults as sampling_defaults
+
+
+@dataclass
+class Components:
+    """A loaded model: its diffusers/transformers modules, scheduler (the training schedule and prediction
+    type; sampling uses diffrt's samplers), family (a key of :mod:`diffrt.families`) and sampling defaults."""
+
+    name: str
+    family: str
+    unet: object
+    vae: object
+    text_encoders: list
+    tokenizers: list
+    scheduler: object
+    random_weights: bool = False
+    defaults: dict = field(default_factory=sampling_defaults.merged)
+    path: Path | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """An inpainting U-Net takes latents + mask + masked-image latents (4 + 1 + 4 channels)."""
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        """Width of the guidance-scale embedding of guidance-distilled (LCM) U-Nets, else None."""
+        return self.unet.config.get("time_cond_proj_dim") or None
+
+    @property
+    def prediction_type(self) -> str:
+        if self.is_flow:
+            return "flow"
+        return self.scheduler.config.prediction_type
+
+    @property
+    def is_flow(self) -> bool:
+        return type(self.scheduler).__name__.startswith("FlowMatch")
+
+    @property
+    def is_consistency(self) -> bool:
+        return type(self.scheduler).__name__ == "LCMScheduler"

@@ -1,0 +1,34 @@
+"""Model families: one module each (``sd`` for SD 1.x/2.x, ``sdxl``) says what is specific to it.
+
+A family knows its graphs (spec + the torch module computing it), how prompts become conditioning, how latents
+are shaped, which diffusers pipeline classes it loads and how its folders are written. The pipeline,
+backends, export and loading ask the family; adding one = adding its module and registering it below.
+"""
+
+from __future__ import annotations
+
+from .base import UNetFamily
+from .sd import SD
+from .sdxl import SDXL
+
+FAMILIES: dict[str, UNetFamily] = {family.name: family for family in (SD, SDXL)}
+
+
+def get(name: str) -> UNetFamily:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def of(components) -> UNetFamily:
+    """The family of loaded ``components``."""
+    return get(components.family)
+
+
+def for_pipeline_class(class_name, where) -> UNetFamily:
+    """The family that loads diffusers pipeline ``class_name`` (from ``where``'s model_index.json)."""
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_classes:
+            return family
+    supported = sorted(c for family in FAMILIES.values() for c in family.pipeline_classes)
+    raise ValueError(f"unsupported model family {class_name!r} in {where}; supported: {', '.join(supported)}")

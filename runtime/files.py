@@ -1,0 +1,92 @@
+"""Writing files and folders so that a reader never sees half of one: temporary name, flush, rename.
+
+Used for every artifact diffrt writes: result files, manifests, exported graphs, engines, shipped models;
+and :func:`read_json_object`, the one reader of the small JSON files diffrt and diffusers folders hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+TEMP_PREFIX = ".tmp-"
+
+
+def read_json_object(path: str | os.PathLike, holds: str = "a JSON object") -> dict:
+    """The JSON object in ``path``; a ValueError naming the file when it is not JSON or not an object.
+    ``holds`` says what the object is, for that message."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold {holds}, got a {type(value).__name__}")
+    return value
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX + path.name + ".")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; artifacts are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, payload, *, sort_keys: bool = True) -> None:
+    """JSON (indented, NaN refused) written atomically; serialised first, so a bad value touches no file."""
+    text = json.dumps(payload, indent=2, sort_keys=sort_keys, default=str, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def make_readable(top: str | os.PathLike) -> None:
+    """Give a tree the umask's usual modes: mkdtemp makes 0700 folders and safetensors writes 0600 files,
+    which other users of a shared folder could not read."""
+    mask = _umask()
+    top = Path(top)
+    for path in [top, *top.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def atomic_folder(dest: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> Path:
+    """Build a folder in a temporary sibling with ``write(tmp)`` and rename it into place, so a failure
+    leaves no half-written folder; ``replace`` swaps out an existing one, else it is an error."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(tmp)
+        make_readable(tmp)
+        if dest.exists():
+            if not replace:
+                raise FileExistsError(f"{dest} already exists")
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

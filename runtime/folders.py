@@ -1,0 +1,144 @@
+"""Diffusers folders: read one into :class:`~diffrt.components.Components`, write one that diffusers' own
+pipelines load.
+
+Offline (``local_files_only``), safetensors only (never pickle), never remote code. The folder's family comes
+from its ``model_index.json`` pipeline class (:mod:`diffrt.families`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import defaults, families
+from .components import Components
+from .files import read_json_object
+
+SAFE = dict(local_files_only=True, use_safetensors=True)
+
+
+def require_safetensors(folder: Path) -> None:
+    """A clear error unless ``folder`` holds safetensors weights (pickle-only folders are refused)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")) or any(folder.glob("*.pt")):
+        raise ValueError(
+            f"{folder} has only pickle weights (.bin/.ckpt/.pt); diffrt loads safetensors only "
+            "(convert them, e.g. with diffusers' save_pretrained(safe_serialization=True))"
+        )
+    raise FileNotFoundError(f"{folder} has no .safetensors weights file")
+
+
+def load_part(what: str, folder: Path, loader):
+    """Run a from_pretrained call, turning library errors about broken files into one clear error."""
+    try:
+        return loader()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as err:
+        raise ValueError(f"could not load the {what} from {folder}: {type(err).__name__}: {err}") from err
+
+
+def load_model(model_class, folder: Path, what: str, dtype=None):
+    """A diffusers model class's safetensors weights from ``folder``, offline."""
+    require_safetensors(folder)
+    return load_part(what, folder, lambda: model_class.from_pretrained(folder, torch_dtype=dtype, **SAFE)).eval()
+
+
+def read_index(path: Path) -> dict:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers folder: it has no model_index.json")
+    return read_json_object(index_file)
+
+
+def component_class(index: dict, name: str, path: Path) -> str:
+    entry = index.get(name)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        raise ValueError(f"{path}/model_index.json has no {name!r} component")
+    if not (path / name).is_dir():
+        raise FileNotFoundError(f"{path} lists {name!r} in model_index.json but has no {name}/ folder")
+    return entry[1]
+
+
+def load_folder(path: str | os.PathLike, dtype=None) -> Components:
+    """A local diffusers folder (U-Net families) as Components; ``dtype`` is the modules' torch dtype."""
+    import diffusers
+
+    path = Path(path)
+    index = read_index(path)
+    family = families.for_pipeline_class(index.get("_class_name"), f"{path}/model_index.json")
+
+    def diffusers_model(name, expected):
+        cls = component_class(index, name, path)
+        if cls != expected:
+            raise ValueError(f"{path}: {name} is a {cls}; diffrt supports {expected}")
+        return load_model(getattr(diffusers, expected), path / name, name, dtype)
+
+    unet = diffusers_model("unet", "UNet2DConditionModel")
+    vae = diffusers_model("vae", "AutoencoderKL")
+    encoders, tokenizers = [], []
+    for part in family.text_encoder_parts:
+        encoder, tokenizer = _text_encoder(index, path, part, family, dtype)
+        encoders.append(encoder)
+        tokenizers.append(tokenizer)
+    scheduler = _scheduler(index, path)
+    model_defaults = defaults.merged(defaults.read_file(path))
+    return Components(path.name, family.name, unet, vae, encoders, tokenizers, scheduler, defaults=model_defaults,
+                      path=path)  # fmt: skip
+
+
+def _text_encoder(index: dict, path: Path, part: str, family, dtype):
+    import transformers
+
+    cls = component_class(index, part, path)
+    if cls not in family.text_encoder_classes:
+        raise ValueError(f"{path}: {part} is a {cls}; supported: {', '.join(family.text_encoder_classes)}")
+    folder = path / part
+    require_safetensors(folder)
+    model_class = getattr(transformers, cls)
+    encoder = load_part(part, folder, lambda: model_class.from_pretrained(folder, dtype=dtype, trust_remote_code=False,
+                                                                          **SAFE))  # fmt: skip
+    tokenizer_part = part.replace("text_encoder", "tokenizer")
+    tok_cls = component_class(index, tokenizer_part, path)
+    tok_class = getattr(transformers, tok_cls, None)
+    if tok_class is None or "Tokenizer" not in tok_cls:
+        raise ValueError(f"{path}: {tokenizer_part} class {tok_cls!r} is not a transformers tokenizer")
+    tok_folder = path / tokenizer_part
+    return encoder.eval(), load_part(tokenizer_part, tok_folder, lambda: tok_class.from_pretrained(tok_folder))
+
+
+def _scheduler(index: dict, path: Path):
+    import diffusers
+
+    sched_cls = component_class(index, "scheduler", path)
+    sched_class = getattr(diffusers, sched_cls, None)
+    if sched_class is None or not sched_cls.endswith("Scheduler"):
+        raise ValueError(f"{path}: scheduler class {sched_cls!r} is not a diffusers scheduler")
+    return load_part("scheduler", path / "scheduler", lambda: sched_class.from_pretrained(path / "scheduler"))
+
+
+def save_folder(components: Components, folder: str | os.PathLike) -> Path:
+    """Write the components as a diffusers folder (safetensors) that diffusers' pipelines also load."""
+    import diffusers
+
+    family = families.of(components)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": family.save_class, "_diffusers_version": diffusers.__version__}
+    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    components.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    for part, encoder, tokenizer in zip(family.text_encoder_parts, components.text_encoders, components.tokenizers,
+                                        strict=True):  # fmt: skip
+        tokenizer_part = part.replace("text_encoder", "tokenizer")
+        encoder.save_pretrained(folder / part, safe_serialization=True)
+        tokenizer.save_pretrained(folder / tokenizer_part)
+        index[part] = ["transformers", type(encoder).__name__]
+        index[tokenizer_part] = ["transformers", type(tokenizer).__name__]
+    components.scheduler.save_pretrained(folder / "scheduler")
+    index["scheduler"] = ["diffusers", type(components.scheduler).__name__]
+    index.update(family.index_extras)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    (folder / defaults.DEFAULTS_FILE).write_text(json.dumps(components.defaults, indent=2))
+    return folder
