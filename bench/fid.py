@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..defaults import DEFAULT_MODEL
 from ..fingerprint import weights_digest
-from ..results import read_result
+from ..results import read_result, require_numbers
 from .harness import add_call_arguments, fill_call_defaults, write_result
 
 KIND = "fid"
@@ -72,6 +72,7 @@ def read_baseline(path) -> dict:
     record = read_result(path)  # checks JSON and schema
     if record.get("kind") != KIND:
         raise ValueError(f"{path} is a {record.get('kind')!r} result, not a {KIND!r} baseline")
+    require_numbers(record["metrics"], ("fid", "adherence", "kid_mean", "kid_std"), f"baseline {path}: 'metrics'")
     return record
 
 

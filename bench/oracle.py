@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..optional import require
 from ..results import write_result
 from ..samplers import sample
 from ..schedules import ve_grid
@@ -89,6 +90,7 @@ def run(args) -> int:
     """The oracle sweep of ``diffrt bench samplers`` (its arguments: :mod:`diffrt.bench.samplers`)."""
     if args.steps is not None or args.guidance is not None:
         raise ValueError("--steps and --guidance apply to trained models; the gmm oracle takes --nfe")
+    require("scipy", "matplotlib", feature="diffrt bench samplers on the gmm oracle (its ODE reference, its plot)")
     args.samples = 4096 if args.samples is None else args.samples
     if args.dim not in MIXTURES:
         raise ValueError(f"--dim must be one of {sorted(MIXTURES)}, got {args.dim}")

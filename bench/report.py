@@ -7,8 +7,12 @@ import argparse
 import base64
 import html
 import json
+import os
+import tempfile
 from pathlib import Path
 
+from ..files import TEMP_PREFIX
+from ..optional import require
 from ..results import read_result
 
 STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")
@@ -22,11 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_result(path) -> dict:
     """A result file this report can show (checked: JSON, schema, a known kind)."""
-    record = read_result(path)
-    if record.get("kind") not in SECTIONS:
-        raise ValueError(f"{path}: results of kind {record.get('kind')!r} cannot be reported; "
-                         f"known kinds: {', '.join(SECTIONS)}")  # fmt: skip
-    record["_source"] = Path(path).name
+    record = read_result(path, kinds=tuple(SECTIONS))
+    record["_source"], record["_path"] = Path(path).name, str(path)
     return record
 
 
@@ -165,21 +166,33 @@ def _env_line(env: dict) -> str:
 
 
 def write_report(paths, out) -> tuple[Path, Path]:
+    """Render every result into a temporary folder first: a malformed file is an error naming it, and leaves
+    ``out`` as it was; then the plots and pages move into ``out``."""
     records = [load_result(p) for p in paths]  # all checked before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    parts, images = ["# diffrt benchmark report"], []
-    for index, record in enumerate(records):
+    with tempfile.TemporaryDirectory(dir=out, prefix=TEMP_PREFIX) as tmp_name:
+        tmp = Path(tmp_name)
+        parts = ["# diffrt benchmark report"]
+        for index, record in enumerate(records):
+            parts += _section(record, tmp, index)
+        (tmp / "report.md").write_text("\n\n".join(parts) + "\n")
+        (tmp / "report.html").write_text(_html(parts, tmp))
+        for file in tmp.iterdir():
+            os.replace(file, out / file.name)
+    return out / "report.md", out / "report.html"
+
+
+def _section(record: dict, out: Path, index: int) -> list[str]:
+    try:
         table, pngs = SECTIONS[record["kind"]](record, out, index)
-        images += pngs
-        parts += [f"## {record['kind']} ({record['_source']})", f"Environment: {_env_line(record['env'])}",
-                  f"Settings: `{json.dumps(record['settings'], default=str)}`", table]  # fmt: skip
-        parts += [f"![{png}]({png})" for png in pngs]
-    markdown = "\n\n".join(parts) + "\n"
-    md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text(markdown)
-    html_path.write_text(_html(parts, out))
-    return md_path, html_path
+        environment = _env_line(record.get("env", {}))
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+        raise ValueError(f"{record['_path']}: a {record['kind']!r} result without the fields this report reads "
+                         f"({type(err).__name__}: {err}); was it written by another diffrt version?") from None
+    parts = [f"## {record['kind']} ({record['_source']})", f"Environment: {environment}",
+             f"Settings: `{json.dumps(record['settings'], default=str)}`", table]  # fmt: skip
+    return parts + [f"![{png}]({png})" for png in pngs]
 
 
 def _html(parts: list[str], out: Path) -> str:
@@ -214,6 +227,7 @@ def _html_table(markdown_table: str) -> str:
 
 
 def run(args) -> int:
+    require("matplotlib", feature="diffrt bench report (its plots)")
     md_path, html_path = write_report(args.results, args.out)
     print(f"wrote {md_path} and {html_path}")
     return 0

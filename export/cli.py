@@ -53,8 +53,10 @@ def run(args) -> int:
 
         import_tensorrt()  # before loading anything: a missing install is the first thing to say
     else:
+        from ..optional import require
         from .onnx_export import OnnxSettings
 
+        require("onnx", "onnxruntime", feature="diffrt export --format onnx (the graphs, their parity check)")
         OnnxSettings(precision, args.opset, args.exporter).resolved()  # bad settings: fail before loading
     device = args.device or ("cuda" if args.format == "tensorrt" else "cpu")
     # weights in the export's dtype: the model hash then matches a pipeline loaded that way

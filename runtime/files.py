@@ -1,7 +1,8 @@
 """Writing files and folders so that a reader never sees half of one: temporary name, flush, rename.
 
 Used for every artifact diffrt writes: result files, manifests, exported graphs, engines, shipped models;
-and :func:`read_json_object`, the one reader of the small JSON files diffrt and diffusers folders hold.
+:func:`check_output`, which every command runs on where its outputs go before it starts the work; and
+:func:`read_json_object`, the one reader of the small JSON files diffrt and diffusers folders hold.
 """
 
 from __future__ import annotations
@@ -28,6 +29,40 @@ def read_json_object(path: str | os.PathLike, holds: str = "a JSON object") -> d
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold {holds}, got a {type(value).__name__}")
     return value
+
+
+def check_output(path: str | os.PathLike, what: str, *, folder: bool = False, new: bool = False) -> Path:
+    """Fail now, not after the work, when ``path`` could not be written: a ValueError naming the path and
+    why. ``folder``: the output is a folder (else a file); ``new``: it must not exist yet. Nothing is created:
+    a probe file is made and removed in the nearest folder that exists (file modes alone do not tell, e.g.
+    for root, on a read-only mount or under /proc)."""
+    path = Path(path)
+    if path.exists():
+        if new and (not path.is_dir() or any(path.iterdir())):
+            raise ValueError(f"{what} {path} already exists: give a new path, or remove it first")
+        if folder and not path.is_dir():
+            raise ValueError(f"{what} {path} is a file, not a folder")
+        if not folder and path.is_dir():
+            raise ValueError(f"{what} {path} is a folder: give a file name")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        raise ValueError(f"cannot write {what} {path}: {existing} is a file, not a folder")
+    probe_in = existing if existing.is_dir() else existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(dir=probe_in, prefix=TEMP_PREFIX + "probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"cannot write {what} {path}: {probe_in} is not writable ({err.strerror})") from None
+    return path
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OS error: the path(s) and the reason, without errno numbers."""
+    if err.filename is None:
+        return str(err)
+    names = f"{err.filename} -> {err.filename2}" if err.filename2 else str(err.filename)
+    return f"{names}: {err.strerror or type(err).__name__}"
 
 
 def _umask() -> int:

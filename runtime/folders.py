@@ -7,6 +7,7 @@ from its ``model_index.json`` pipeline class (:mod:`diffrt.families`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -30,10 +31,29 @@ def require_safetensors(folder: Path) -> None:
     raise FileNotFoundError(f"{folder} has no .safetensors weights file")
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' and diffusers' "Loading weights" bars off for a load, then back as they were: a
+    second-long load of local files is not the user's business (their warnings still show)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [(lib, lib.is_progress_bar_enabled()) for lib in (transformers_logging, diffusers_logging)]
+    for lib, _ in was:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in was:
+            if enabled:
+                lib.enable_progress_bar()
+
+
 def load_part(what: str, folder: Path, loader):
     """Run a from_pretrained call, turning library errors about broken files into one clear error."""
     try:
-        return loader()
+        with no_progress_bars():
+            return loader()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as err:
         raise ValueError(f"could not load the {what} from {folder}: {type(err).__name__}: {err}") from err
 

@@ -1,14 +1,36 @@
 """Pictures in and out of a pipeline: PIL images, arrays and tensors to float tensors, and results back.
 
 Input pictures (``image=``, ``mask_image=``) become float tensors [N, C, H, W]: images in [-1, 1] (the VAE's
-range), masks as 0/1 (1 = repaint). Results leave as PIL images, numpy arrays or tensors in [0, 1].
+range), masks as 0/1 (1 = repaint). As in diffusers, torch tensors are channels-first ([C, H, W] or
+[N, C, H, W], floats in [0, 1]) and numpy arrays channels-last ([H, W, C] or [N, H, W, C]; uint8, or floats
+in [0, 1]); a 2-D array or tensor is one grey picture. Image files are read by :func:`read_picture`, which
+names the file when it is not an image. Results leave as PIL images, numpy arrays or tensors in [0, 1].
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CHANNELS = (1, 3, 4)  # of a numpy array: grey, RGB or RGBA (alpha dropped)
+
+
+def read_picture(path: str | os.PathLike, what: str = "image"):
+    """A picture file as a PIL image, fully decoded now: a missing, unreadable or non-image file is a clear
+    error naming it (PIL's own errors name neither the file nor what was expected)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            return picture.copy()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{what} {path} is not an image file PIL can read (PNG, JPEG, WebP, ...): {err}") from err
 
 
 def to_tensor(picture, what: str) -> torch.Tensor:
@@ -20,18 +42,49 @@ def to_tensor(picture, what: str) -> torch.Tensor:
         array = np.asarray(picture.convert(mode), dtype=np.float32) / 255.0
         tensor = torch.from_numpy(array)
         tensor = tensor[None, None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)[None]
-    elif isinstance(picture, torch.Tensor | np.ndarray):
-        tensor = torch.as_tensor(picture, dtype=torch.float32)
-        tensor = tensor[None] if tensor.ndim == 3 else tensor
-        if what == "mask_image" and tensor.ndim == 2:
-            tensor = tensor[None, None]
+    elif isinstance(picture, np.ndarray):
+        tensor = _array_tensor(picture, what)
+    elif isinstance(picture, torch.Tensor):
+        tensor = picture.to(torch.float32)
+        tensor = tensor[None, None] if tensor.ndim == 2 else tensor[None] if tensor.ndim == 3 else tensor
         if tensor.ndim != 4:
-            raise ValueError(f"{what} tensor must be [C, H, W] or [N, C, H, W], got shape {tuple(tensor.shape)}")
+            raise ValueError(f"{what} tensor must be [H, W], [C, H, W] or [N, C, H, W] (channels first), "
+                             f"got shape {tuple(picture.shape)}")  # fmt: skip
     elif isinstance(picture, list | tuple) and picture:
         return torch.cat([to_tensor(p, what) for p in picture])
     else:
         raise ValueError(f"{what} must be a PIL image, a tensor or an array, got {type(picture).__name__}")
+    if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(tensor.shape)})")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{what} has non-finite values (NaN or inf)")
     return tensor
+
+
+def _array_tensor(array, what: str) -> torch.Tensor:
+    """A channels-last numpy array ([H, W], [H, W, C], [N, H, W, C]; uint8 or floats in [0, 1]) -> [N, C, H, W]."""
+    import numpy as np
+
+    if array.dtype == np.uint8:
+        values = array.astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_:
+        values = array.astype(np.float32)
+    else:
+        raise ValueError(f"{what} array must be uint8 or float, got dtype {array.dtype}")
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    tensor = tensor[None, :, :, None] if tensor.ndim == 2 else tensor[None] if tensor.ndim == 3 else tensor
+    if tensor.ndim != 4 or tensor.shape[-1] not in CHANNELS:
+        raise ValueError(f"{what} array must be [H, W], [H, W, C] or [N, H, W, C] (channels last, as diffusers "
+                         f"reads numpy arrays; C in {CHANNELS}), got shape {array.shape}")  # fmt: skip
+    return tensor[..., :3].permute(0, 3, 1, 2)
+
+
+def fit_size(height: float, width: float, step: int, minimum: int) -> tuple[int, int]:
+    """A size rounded down to multiples of ``step``, at least ``minimum``."""
+    def fit(value: float) -> int:
+        return max(minimum, int(math.floor(value / step)) * step)
+
+    return fit(height), fit(width)
 
 
 def image_tensor(image, n: int, what: str = "image") -> torch.Tensor:
@@ -47,6 +100,8 @@ def image_tensor(image, n: int, what: str = "image") -> torch.Tensor:
 def mask_tensor(mask, n: int) -> torch.Tensor:
     """A one-channel mask for ``n`` images, thresholded to 0/1 (1 = repaint)."""
     tensor = to_tensor(mask, "mask_image")
+    if tensor.shape[1] == 3:  # an RGB mask: its grey value, as PIL's "L" conversion
+        tensor = (tensor * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
     if tensor.shape[1] != 1:
         raise ValueError(f"mask_image must have 1 channel, got {tensor.shape[1]}")
     return (repeat(tensor, n, "mask_image") > 0.5).to(torch.float32)

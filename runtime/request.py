@@ -1,17 +1,30 @@
 """One validation pass over a pipeline call's arguments: they become a :class:`Request`, or a ValueError
-naming the bad value and what is allowed, before any work is done."""
+naming the bad value and what is allowed, before any work is done.
+
+A value of the right type that cannot give a sensible image is refused too, naming the bound: zero or
+negative sizes, seeds outside what a generator takes, guidance beyond ``MAX_GUIDANCE``, more steps than a
+consistency model was distilled for, a strength that leaves no step. Pictures of another size than the
+call's are resized to it, with a warning (as diffusers does).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import defaults, samplers
-from .images import OUTPUT_TYPES, image_tensor, mask_tensor
+from .images import OUTPUT_TYPES, fit_size, image_tensor, mask_tensor
 from .schedules import SPACINGS
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_GUIDANCE = 100.0  # beyond this the guided prediction leaves the data range: saturated or non-finite images
+USUAL_GUIDANCE = 30.0  # above this a warning: published models are sampled at 1-15
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,7 @@ class Rules:
     min_size: int  # ...and at least this (the U-Net halves the latents once per down block but the last)
     default_size: int
     inpainting_unet: bool  # a 9-channel U-Net needs image= and mask_image=
+    max_steps: int | None = None  # consistency models: the steps of the schedule they were distilled on
 
 
 @dataclass(frozen=True)
@@ -81,29 +95,25 @@ def build(
         raise ValueError("give either sampler= or scheduler= (a diffusers scheduler to reproduce), not both")
     chosen = defaults.resolve(rules.defaults, steps=steps, sampler=sampler, guidance=guidance)
     steps, sampler, guidance = chosen["steps"], chosen["sampler"], chosen["guidance"]
-    _check_steps(steps)
+    _check_steps(steps, rules.max_steps)
     if scheduler is None and sampler not in samplers.available():
         raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(samplers.available())}")
-    if not isinstance(guidance, int | float) or not math.isfinite(guidance) or guidance < 0:
-        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
-    if not 0 <= guidance_rescale <= 1:
+    _check_guidance(guidance)
+    if not _is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     seeds = _seed_list(seed, n)
+    height, width = _check_size("height", height, rules), _check_size("width", width, rules)
     picture = None if image is None else image_tensor(image, n)
-    if picture is not None:
-        height, width, strength = _image_settings(picture, height, width, strength, mask_image is not None)
-    height = height or rules.default_size
-    width = width or rules.default_size
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value % rules.size_step or value < rules.min_size:
-            raise ValueError(
-                f"{name} must be a multiple of {rules.size_step} and at least {rules.min_size}, got {value!r}"
-            )
     mask = _mask(mask_image, picture, n, rules)
+    if picture is not None:
+        height, width = _picture_size(picture, height, width, rules)
+        picture, mask = _fit("image", picture, height, width), _fit("mask_image", mask, height, width)
+        strength = _check_strength(strength, steps, mask is not None)
+    height, width = height or rules.default_size, width or rules.default_size
     _check_sampler_options(scheduler, sampler, steps, sampler_options)
     return Request(
         prompts, negatives, seeds, steps, sampler, sampler_options, float(guidance), float(guidance_rescale),
@@ -112,24 +122,89 @@ def build(
     )  # fmt: skip
 
 
-def _check_steps(steps) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+def batch(req: Request, first: int, last: int) -> Request:
+    """Images ``first`` to ``last - 1`` of a request, as a request of their own (same seeds, same settings)."""
+    def rows(tensor):
+        return None if tensor is None else tensor[first:last]
+
+    negatives = None if req.negatives is None else req.negatives[first:last]
+    return replace(req, prompts=req.prompts[first:last], negatives=negatives, seeds=req.seeds[first:last],
+                   image=rows(req.image), mask=rows(req.mask))  # fmt: skip
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_steps(steps, max_steps: int | None) -> None:
+    if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if max_steps is not None and steps > max_steps:
+        raise ValueError(f"steps must be at most {max_steps} for this consistency model (it was distilled on a "
+                         f"{max_steps}-step schedule; 1-8 steps is its use), got {steps}")  # fmt: skip
 
 
-def _image_settings(picture: torch.Tensor, height, width, strength, inpainting: bool):
-    """Image-to-image: the size defaults to the picture's (and must match it); strength defaults and bounds."""
-    height = height or picture.shape[-2]
-    width = width or picture.shape[-1]
-    if tuple(picture.shape[-2:]) != (height, width):
-        raise ValueError(
-            f"image is {picture.shape[-1]}x{picture.shape[-2]} (WxH) but height/width ask for {width}x{height}"
-        )
+def _check_guidance(guidance) -> None:
+    if not _is_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(f"guidance must be a number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
+    if guidance > USUAL_GUIDANCE:
+        log.warning("guidance %g is far above the usual 1-15: expect saturated images", guidance)
+
+
+def _check_size(name: str, value, rules: Rules) -> int | None:
+    """None (the model's default, or the picture's size) or a multiple of the VAE factor, at least min_size."""
+    if value is None:
+        return None
+    if not _is_int(value) or value % rules.size_step or value < rules.min_size:
+        raise ValueError(f"{name} must be a multiple of {rules.size_step} and at least {rules.min_size}, "
+                         f"got {value!r}")  # fmt: skip
+    return value
+
+
+def _picture_size(picture: torch.Tensor, height, width, rules: Rules) -> tuple[int, int]:
+    """The call's size with an input picture: the one asked for, else the picture's own (rounded down to the
+    size step), scaled down to the model's default size when the picture is more than twice that."""
+    if height is not None and width is not None:
+        return height, width
+    h, w = picture.shape[-2:]
+    limit = 2 * rules.default_size
+    scale = min(1.0, rules.default_size / max(h, w)) if max(h, w) > limit else 1.0
+    if height is None and width is None:  # a picture far larger than the model's size: _fit says so
+        return fit_size(h * scale, w * scale, rules.size_step, rules.min_size)
+    if height is None:  # keep the picture's aspect ratio
+        return fit_size(width * h / w, width, rules.size_step, rules.min_size)[0], width
+    return height, fit_size(height, height * w / h, rules.size_step, rules.min_size)[1]
+
+
+def _fit(what: str, picture: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
+    """A picture resized to the call's size (area-weighted for images, nearest for masks), with a warning."""
+    if picture is None or tuple(picture.shape[-2:]) == (height, width):
+        return picture
+    if picture.shape[0] > 1 and picture.stride(0) == 0:  # one picture for every image: resize it once
+        return _fit(what, picture[:1], height, width).expand(picture.shape[0], -1, -1, -1)
+    log.warning("%s is %dx%d: resized to %dx%d (give height= and width= for another size)", what,
+                picture.shape[-1], picture.shape[-2], width, height)  # fmt: skip
+    if what == "mask_image":
+        return torch.nn.functional.interpolate(picture, size=(height, width), mode="nearest")
+    resized = torch.nn.functional.interpolate(picture, size=(height, width), mode="bilinear", antialias=True,
+                                              align_corners=False)  # fmt: skip
+    return resized.clamp(-1, 1)
+
+
+def _check_strength(strength, steps: int, inpainting: bool) -> float:
+    """Strength defaults (0.8 image-to-image, 1 inpainting), bounds, and at least one step left to run."""
     if strength is None:
         strength = 1.0 if inpainting else 0.8
-    if not (isinstance(strength, int | float) and 0 < strength <= 1):
+    if not _is_number(strength) or not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
-    return height, width, strength
+    if int(steps * strength) < 1:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no step to run (steps x strength must "
+                         f"be >= 1): raise either")  # fmt: skip
+    return strength
 
 
 def _mask(mask_image, picture, n: int, rules: Rules):
@@ -140,11 +215,8 @@ def _mask(mask_image, picture, n: int, rules: Rules):
     if picture is None:
         raise ValueError("mask_image needs image= (the picture to inpaint)")
     mask = mask_tensor(mask_image, n)
-    if tuple(mask.shape[-2:]) != tuple(picture.shape[-2:]):
-        raise ValueError(
-            f"mask_image is {mask.shape[-1]}x{mask.shape[-2]} but image is "
-            f"{picture.shape[-1]}x{picture.shape[-2]}; they must match"
-        )
+    if not mask.any():
+        log.warning("mask_image is all black (keep everywhere): the image comes back unchanged")
     return mask
 
 
@@ -177,10 +249,15 @@ def _prompt_list(prompt, num_images, what) -> list[str]:
 def _seed_list(seed, n: int) -> list[int]:
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return [seed + k for k in range(n)]
-    if isinstance(seed, list | tuple) and all(isinstance(s, int) for s in seed):
+    if _is_int(seed):
+        seeds = [seed + k for k in range(n)]
+    elif isinstance(seed, list | tuple) and all(_is_int(s) for s in seed):
         if len(seed) != n:
             raise ValueError(f"seed list has {len(seed)} entries but {n} images were asked for")
-        return list(seed)
-    raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+        seeds = list(seed)
+    else:
+        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise ValueError(f"seeds must be integers in [0, 2**64 - 1] (image k of seed s uses s + k), got {bad[0]}")
+    return seeds

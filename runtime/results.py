@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import math
 import os
 import platform
 import subprocess
@@ -115,4 +116,16 @@ def read_result(path, kinds=None) -> dict:
         raise ValueError(f"{path} has result schema {found!r}; this diffrt reads schema {SCHEMA}")
     if kinds is not None and record.get("kind") not in kinds:
         raise ValueError(f"{path}: results of kind {record.get('kind')!r}; expected one of {', '.join(kinds)}")
+    for key in ("settings", "metrics"):
+        if not isinstance(record.get(key), dict):
+            raise ValueError(f"{path}: {key!r} must be a JSON object, got {type(record.get(key)).__name__}")
     return record
+
+
+def require_numbers(mapping: dict, keys, where: str) -> None:
+    """A ValueError naming ``where`` unless each of ``keys`` is in ``mapping`` as a finite number."""
+    bad = [k for k in keys if not isinstance(mapping.get(k), int | float) or isinstance(mapping.get(k), bool)
+           or not math.isfinite(mapping[k])]  # fmt: skip
+    if bad:
+        raise ValueError(f"{where} must hold finite numbers for {', '.join(bad)}; "
+                         f"got {', '.join(f'{k}={mapping.get(k)!r}' for k in bad)}")  # fmt: skip

@@ -43,17 +43,21 @@ def character_clip_tokenizer(vocab_size: int = CLIP_VOCAB_SIZE, max_length: int 
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
-    """Token ids padded to the encoder's length; longer prompts are truncated with a warning."""
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None, warn: bool = True) -> torch.Tensor:
+    """Token ids padded to the encoder's length; longer prompts are truncated, with one warning for the call
+    however many images share the prompt (``warn=False``: none, e.g. for a model's second tokenizer)."""
     max_length = max_length or tokenizer.model_max_length
-    full = tokenizer(prompts, padding=False, truncation=False).input_ids
-    for prompt, ids in zip(prompts, full, strict=True):
-        if len(ids) > max_length:
-            log.warning(
-                "prompt is longer than the text encoder's %d tokens: %d tokens dropped (%r...)",
-                max_length,
-                len(ids) - max_length,
-                prompt[:40],
-            )
+    if warn:
+        _warn_truncated(tokenizer, list(dict.fromkeys(prompts)), max_length)
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     return batch.input_ids
+
+
+def _warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
+    lengths = [len(ids) for ids in tokenizer(prompts, padding=False, truncation=False).input_ids]
+    long = [(prompt, n) for prompt, n in zip(prompts, lengths, strict=True) if n > max_length]
+    if long:
+        prompt, n = max(long, key=lambda item: item[1])
+        which = "prompt is" if len(prompts) == 1 else f"{len(long)} of {len(prompts)} distinct prompts are"
+        log.warning("%s longer than the text encoder's %d tokens: up to %d tokens dropped (%r...)",
+                    which, max_length, n - max_length, prompt[:40])  # fmt: skip

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import statistics
 import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+LISTED_CALLS = 8  # U-Net call times listed one by one up to this many
 
 
 @dataclass
@@ -18,16 +24,25 @@ class StageTimes:
     total_ms: float = 0.0
 
     def summary(self) -> str:
-        steps = ", ".join(f"{t:.1f}" for t in self.unet_calls_ms) if self.unet_calls_ms else "one CUDA graph"
         lines = [f"text encoding   {self.text_encode_ms:9.1f} ms"]
         if self.vae_encode_ms:
             lines.append(f"vae encode      {self.vae_encode_ms:9.1f} ms")
         lines += [
-            f"denoising       {self.denoise_ms:9.1f} ms  ({len(self.unet_calls_ms)} U-Net calls: {steps})",
+            f"denoising       {self.denoise_ms:9.1f} ms  ({self._unet_calls()})",
             f"vae decode      {self.vae_decode_ms:9.1f} ms",
             f"total           {self.total_ms:9.1f} ms",
         ]
         return "\n".join(lines)
+
+    def _unet_calls(self) -> str:
+        """Each call's time up to ``LISTED_CALLS`` calls, else their count, median and range."""
+        calls = self.unet_calls_ms
+        if not calls:
+            return "one CUDA graph"
+        if len(calls) <= LISTED_CALLS:
+            return f"{len(calls)} U-Net calls: " + ", ".join(f"{t:.1f}" for t in calls)
+        return (f"{len(calls)} U-Net calls: median {statistics.median(calls):.1f} ms, "
+                f"min {min(calls):.1f}, max {max(calls):.1f}")  # fmt: skip
 
 
 class Clock:
@@ -50,3 +65,26 @@ class Clock:
             end.synchronize()
             return start.elapsed_time(end)
         return (end - start) * 1000.0
+
+
+class ProgressLines:
+    """Progress where there is no terminal for a bar (logs, pipes, CI): a plain INFO line every ``every_s``
+    seconds of a long run, none for a short one. Same interface as the tqdm bar it stands in for."""
+
+    def __init__(self, total: int, desc: str, every_s: float = 10.0):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info("%s: %d/%d (%.0f s)", self.desc, self.done, self.total, now - self.start)

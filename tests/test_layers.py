@@ -27,11 +27,12 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 
 CORE = ("diffrt.version", "diffrt.lazy", "diffrt.schedules", "diffrt.denoisers", "diffrt.samplers", "diffrt.text",
-        "diffrt.files", "diffrt.results", "diffrt.fingerprint", "diffrt.defaults", "diffrt.devices")  # fmt: skip
+        "diffrt.files", "diffrt.results", "diffrt.fingerprint", "diffrt.defaults", "diffrt.devices",
+        "diffrt.optional", "diffrt.checksums")  # fmt: skip
 RUNTIME = ("diffrt.components", "diffrt.families", "diffrt.graphspec", "diffrt.loading", "diffrt.folders",
            "diffrt.presets", "diffrt.embedded", "diffrt.minilm", "diffrt.fashion", "diffrt.pipeline",
            "diffrt.request", "diffrt.images", "diffrt.timing", "diffrt.backends", "diffrt.graphs",
-           "diffrt.artifacts")  # fmt: skip
+           "diffrt.artifacts", "diffrt.memory", "diffrt.outputs")  # fmt: skip
 EXPORT = ("diffrt.export", "diffrt.kernels")
 ASSEMBLY = ("diffrt.api",)
 TOOLS = ("diffrt.bench", "diffrt.train")

@@ -71,3 +71,10 @@ def test_names_moved_above_their_old_layer_say_where_they_went():
         diffrt.pipeline.load_pipeline  # noqa: B018
     with pytest.raises(ImportError, match=r"moved to diffrt\.bench\.stages"):
         import diffrt.export.bench  # noqa: F401
+
+
+def test_the_clis_light_lists_match_the_registries():
+    from diffrt import backends, defaults, embedded
+
+    assert tuple(backends.names()) == defaults.BACKENDS
+    assert embedded.NAMES == defaults.EMBEDDED_MODELS

@@ -7,6 +7,8 @@ keeps the fastest static kernels; a benchmark's cold start shows the cost). ``mo
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .base import check_options
@@ -15,6 +17,8 @@ from .torch_backend import TorchBackend
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILED_GRAPHS = ("unet", "vae_decoder")
 OPTIONS = ("mode", "dynamic")
+
+log = logging.getLogger(__name__)
 
 
 def is_available() -> tuple[bool, str]:
@@ -32,12 +36,27 @@ class CompileBackend(TorchBackend):
         super().__init__(components, device, dtype)
         self.mode, self.dynamic = mode, dynamic
         self.compiled = {name: self._compile(name) for name in COMPILED_GRAPHS}
+        self._compiled_for: set[tuple] = set()  # (graph, input shapes) already compiled
 
     def _compile(self, graph: str):
         return torch.compile(self.modules[graph], mode=self.mode, dynamic=self.dynamic)
 
     def graph_module(self, graph: str):
         return self.compiled[graph] if graph in self.compiled else self.modules[graph]
+
+    def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
+        if graph in self.compiled:
+            self._announce(graph, inputs)
+        return super().run(graph, **inputs)
+
+    def _announce(self, graph: str, inputs: dict) -> None:
+        """Say so when a call will compile: the first call of each graph and shape takes minutes, silently."""
+        shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items() if isinstance(v, torch.Tensor))
+        key = (graph, self.dtype if graph != "vae_decoder" else self.vae_dtype, shapes)
+        if key not in self._compiled_for:
+            self._compiled_for.add(key)
+            log.info("compiling %s with torch.compile (mode %s, first call at %s; this can take minutes)",
+                     graph, self.mode, "x".join(map(str, shapes[0][1])) if shapes else "these shapes")  # fmt: skip
 
     def upcast_vae(self) -> None:
         super().upcast_vae()

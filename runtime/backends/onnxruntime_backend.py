@@ -17,12 +17,12 @@ exporter (:data:`ARTIFACT_OPTIONS`).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import torch
 
+from .. import optional
 from ..artifacts import ArtifactError, resolve_cache_dir
 from .base import check_options
 from .exported import ExportedBackend
@@ -44,7 +44,7 @@ ARTIFACT_OPTIONS = ("cache_dir", "onnx_dir", "opset", "exporter")  # what diffrt
 
 def is_available() -> tuple[bool, str]:
     for module in ("onnxruntime", "onnx"):
-        if importlib.util.find_spec(module) is None:
+        if not optional.installed(module):
             return False, f"the {module} package is not installed (pip install 'diffrt[onnx]')"
     return True, ""
 

@@ -7,11 +7,11 @@ The kernel patcher (:func:`diffrt.kernels.patch`) sits in a layer above the runt
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
+from .. import optional
 from ..graphs import LoopGraphCache
 from .base import check_options
 from .torch_backend import TorchBackend
@@ -20,7 +20,7 @@ OPTIONS = ("capture_loop", "max_graphs")
 
 
 def is_available() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
+    if not optional.installed("triton"):
         return False, "the triton package is not installed (pip install 'diffrt[gpu]')"
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return True, ""

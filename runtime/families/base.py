@@ -159,8 +159,9 @@ class UNetFamily:
     # ------------------------------------------------------------------------------------ conditioning
     def run_text_encoders(self, run, components, prompts: list[str], device) -> list[dict]:
         """Each text encoder's outputs for ``prompts``; ``run(graph, **inputs)`` runs a graph."""
-        return [run(graph, input_ids=tokenize(tokenizer, prompts).to(device))
-                for graph, tokenizer in zip(self.text_graphs(components), components.tokenizers, strict=True)]
+        graphs = zip(self.text_graphs(components), components.tokenizers, strict=True)
+        return [run(graph, input_ids=tokenize(tokenizer, prompts, warn=k == 0).to(device))
+                for k, (graph, tokenizer) in enumerate(graphs)]  # fmt: skip
 
     def encode(self, run, components, prompts: list[str], height: int, width: int, device) -> dict:
         """The U-Net's conditioning inputs for ``prompts``."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import checksums
 from ..embedded import CLASSIFIER_NAME, MODELS_DIR
 from ..fingerprint import weights_digest
 
@@ -95,6 +96,7 @@ def load_classifier(folder=None, device="cpu") -> FashionClassifier:
     from safetensors.torch import load_file
 
     folder = Path(folder) if folder is not None else DEFAULT_CLASSIFIER_DIR
+    _verify_if_shipped(folder)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(
@@ -108,6 +110,12 @@ def load_classifier(folder=None, device="cpu") -> FashionClassifier:
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError, OSError) as err:
         raise ValueError(f"could not load the classifier from {folder}: {type(err).__name__}: {err}") from err
     return model.to(device).eval()
+
+
+def _verify_if_shipped(folder: Path) -> None:
+    """The shipped classifier's files against its checksums (a folder of the user's own has none to check)."""
+    if folder.resolve() == DEFAULT_CLASSIFIER_DIR.resolve() or (folder / checksums.MANIFEST).is_file():
+        checksums.verify(folder)
 
 
 class FeatureNet(nn.Module):
@@ -174,6 +182,7 @@ def load_reference(path=None, classifier: FashionClassifier | None = None) -> di
     from safetensors import SafetensorError, safe_open
 
     path = Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR / REFERENCE_FILE
+    _verify_if_shipped(path.parent)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} not found (`diffrt train classifier` writes them)")
     try:

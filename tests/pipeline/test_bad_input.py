@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,8 +35,21 @@ SIZE = dict(height=64, width=64)
         (dict(image=torch.rand(1, 3, 64, 64) * 3), r"values must be in \[0, 1\]"),
         (dict(image=torch.rand(1, 4, 64, 64)), "3 channels"),
         (dict(image="picture.png"), "must be a PIL image"),
-        (dict(image=torch.rand(1, 3, 64, 64), height=128, width=128), "image is 64x64"),
-        (dict(image=torch.rand(1, 3, 64, 64), mask_image=torch.ones(1, 1, 32, 32)), "mask_image is 32x32"),
+        (dict(height=0), "height must be a multiple of 8 and at least 16, got 0"),
+        (dict(height=-64), "height must be .* got -64"),
+        (dict(width=0), "width must be .* got 0"),
+        (dict(width=True), "width must be .* got True"),
+        (dict(seed=2**64), r"seeds must be integers in \[0, 2\*\*64 - 1\].* got 18446744073709551616"),
+        (dict(seed=-1), "seeds must be integers in .* got -1"),
+        (dict(seed=[0, 2**70], num_images=2), "seeds must be .* got 1180591620717411303424"),
+        (dict(guidance=1e6), r"guidance must be a number in \[0, 100\], got 1000000.0"),
+        (dict(guidance=float("inf")), "guidance must be"),
+        (dict(guidance="7"), "guidance must be"),
+        (dict(image=torch.rand(1, 3, 64, 64), steps=2, strength=0.3), "leaves no step to run"),
+        (dict(image=torch.rand(1, 3, 0, 64)), "image is empty"),
+        (dict(image=torch.full((1, 3, 64, 64), float("nan"))), "image has non-finite values"),
+        (dict(image=np.zeros((64, 64, 5), "uint8")), "channels last.* got shape \\(64, 64, 5\\)"),
+        (dict(image=np.zeros((64, 64, 3), "int64")), "uint8 or float, got dtype int64"),
         (dict(mask_image=torch.ones(1, 1, 64, 64)), "needs image="),
     ],
 )
@@ -43,6 +57,57 @@ def test_bad_call_arguments(tiny, kwargs, match):
     kwargs = {**SIZE, "steps": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         tiny("a red sneaker", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "what, picture",
+    [
+        ("image", torch.rand(1, 3, 64, 64)),  # smaller than asked: resized up
+        ("image", torch.rand(1, 3, 96, 80)),  # another aspect ratio
+        ("mask_image", torch.ones(1, 1, 32, 32)),
+    ],
+)
+def test_pictures_of_another_size_are_resized_with_a_warning(tiny, caplog, what, picture):
+    image = picture if what == "image" else torch.rand(1, 3, 128, 128)
+    mask = picture if what == "mask_image" else None
+    images = tiny("x", image=image, mask_image=mask, height=128, width=128, steps=2, output_type="pt")
+    assert images.shape == (1, 3, 128, 128)
+    assert f"{what} is {picture.shape[-1]}x{picture.shape[-2]}: resized to 128x128" in caplog.text
+
+
+def test_large_picture_sets_a_size_near_the_models_default(tiny, caplog):
+    # tiny's default is 64 px: a 1000x600 picture would be a 1000x600 run; it becomes 64x32 with a warning
+    images = tiny("x", image=torch.rand(1, 3, 600, 1000), steps=2, output_type="pt")
+    assert images.shape[-2:] == (32, 64)
+    assert "image is 1000x600: resized to 64x32" in caplog.text
+
+
+@pytest.mark.parametrize("dtype, scale", [("uint8", 255), ("float32", 1)])
+def test_numpy_pictures_are_channels_last_like_diffusers(tiny, dtype, scale):
+    picture = np.random.default_rng(0).random((64, 64, 3))
+    as_array = tiny("x", image=(picture * scale).astype(dtype), steps=2, seed=1, output_type="pt")
+    as_tensor = tiny("x", image=torch.from_numpy(picture).permute(2, 0, 1).float(), steps=2, seed=1,
+                     output_type="pt")  # fmt: skip
+    torch.testing.assert_close(as_array, as_tensor, atol=2e-2, rtol=0)
+
+
+def test_steps_beyond_a_consistency_models_schedule_are_refused():
+    pipe = diffrt.load("fashion-lcm")
+    with pytest.raises(ValueError, match="steps must be at most 50 for this consistency model.* got 1000"):
+        pipe("a coat", steps=1000)
+
+
+def test_non_image_files_name_the_file(tmp_path):
+    from diffrt.images import read_picture
+
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(ValueError, match=f"image {text} is not an image file"):
+        read_picture(text)
+    with pytest.raises(FileNotFoundError, match="mask_image /no/such.png: no such file"):
+        read_picture("/no/such.png", "mask_image")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_picture(tmp_path)  # a folder
 
 
 def test_prompt_list_must_match_num_images(tiny):

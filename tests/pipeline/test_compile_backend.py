@@ -1,17 +1,23 @@
 """backend="compile": torch.compile'd U-Net and VAE decoder give the eager backend's images."""
 
+import logging
+
 import pytest
 import torch
 
 import diffrt
 
 
-def test_compiled_pipeline_matches_eager():
+def test_compiled_pipeline_matches_eager(caplog):
     eager = diffrt.load("tiny", device="cpu")
     compiled = diffrt.load("tiny", device="cpu", backend="compile")
     options = dict(steps=2, sampler="dpmpp_2m", guidance=5.0, seed=3, output_type="pt", progress=False)
-    ours = compiled("a red sneaker", **options)
+    with caplog.at_level(logging.INFO, logger="diffrt"):
+        ours = compiled("a red sneaker", **options)
+        compiled("a red sneaker", **options)  # same shapes: nothing new to compile, nothing said
     torch.testing.assert_close(ours, eager("a red sneaker", **options), rtol=1e-4, atol=1e-4)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling")]
+    assert [line.split(" with")[0] for line in said] == ["compiling unet", "compiling vae_decoder"]
 
 
 def test_bad_compile_options_are_named():

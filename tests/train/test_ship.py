@@ -22,7 +22,11 @@ def root(tmp_path_factory, eps_run, lcm_run):
 def test_shipped_folders_hold_only_their_own_parts_in_float16(root):
     assert embedded.shipped(root) == ["fashion", "fashion-lcm"]
     assert sorted(p.name for p in (root / "fashion").iterdir()) == [
-        "README.md", "diffrt.json", "scheduler", "train.json", "unet"]  # fmt: skip
+        "README.md", "checksums.json", "diffrt.json", "scheduler", "train.json", "unet"]  # fmt: skip
+    from diffrt import checksums
+
+    for name in ("fashion", "fashion-lcm", embedded.VAE_NAME):  # ship wrote the sums of what it shipped
+        checksums.verify(root / name)
     from safetensors import safe_open
 
     with safe_open(root / "fashion" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
