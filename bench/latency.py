@@ -18,7 +18,8 @@ STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="preset name or a local diffusers folder")
-    parser.add_argument("--backend", default="torch", help="comma list, e.g. torch,onnxruntime,triton")
+    parser.add_argument("--backend", default="torch", help="comma list, e.g. torch,onnxruntime,triton; options "
+                        "as compile:mode=reduce-overhead")  # fmt: skip
     add_call_arguments(parser)
     parser.add_argument("--batch", default="1", help="comma list of batch sizes")
     parser.add_argument("--height", type=int, default=None)
@@ -52,12 +53,26 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def backend_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value:key=value`` (e.g. ``compile:mode=reduce-overhead``): the backend and its
+    options, so that variants of one backend are measured side by side under their own labels."""
+    name, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"backend option {pair!r} in {spec!r} must be key=value")
+        options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return name, options
+
+
 def _load(name: str, args):
     """Load one backend's pipeline and run its first call: the cold-start figures."""
     import diffrt
 
     start = time.perf_counter()
-    pipe = diffrt.load(args.model, device=args.device, dtype=args.dtype, backend=name)
+    backend, options = backend_spec(name)
+    pipe = diffrt.load(args.model, device=args.device, dtype=args.dtype, backend=backend, **options)
     loaded = time.perf_counter()
     fill_call_defaults(args, pipe)
     pipe("warm-up", **_call_kwargs(args, 1), seed=0)
@@ -87,15 +102,16 @@ def measure(args) -> tuple[dict, dict]:
     from diffrt import backends
 
     names = [b.strip() for b in args.backend.split(",") if b.strip()]
-    unknown = sorted(set(names) - set(backends.names()))
+    unknown = sorted({backend_spec(n)[0] for n in names} - set(backends.names()))
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; available: {', '.join(backends.names())}")
     batches = _int_list(args.batch, "batch")
     reasons = backends.availability()
     pipes, metrics = {}, {}
     for name in names:
-        if reasons[name] is not None:
-            metrics[name] = {"skipped": reasons[name]}
+        reason = reasons[backend_spec(name)[0]]
+        if reason is not None:
+            metrics[name] = {"skipped": reason}
             continue
         pipes[name], cold = _load(name, args)
         metrics[name] = {"cold_start": cold, "batches": {}}

@@ -22,6 +22,7 @@ def _add_bench(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (JSON results, tables, plots)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     from .bench import fid as bench_fid
+    from .bench import gpu_suite as bench_gpu
     from .bench import kernels as bench_kernels
     from .bench import latency as bench_latency
     from .bench import report as bench_report
@@ -35,6 +36,7 @@ def _add_bench(subparsers) -> None:
         (bench_throughput, "throughput", "images/s against batch size", FILE),
         (bench_report, "report", "markdown + HTML report with plots from results", FOLDER),
         (bench_fid, "fid", "quality regression gate: domain FID and adherence", FILE),
+        (bench_gpu, "gpu", "every GPU check and measurement in one time-boxed run (a dry run without CUDA)", FOLDER),
     )
     for module, name, help_text, out_kind in commands:
         parser = kinds.add_parser(name, help=help_text)

@@ -240,10 +240,11 @@ class Pipeline:
         timestep = t.to(torch.float32).expand(x.shape[0])
         return self.backend.run("unet", sample=x.to(self.dtype), timestep=timestep, **conditioning)["out"]
 
-    def _denoiser(self, req: Request, cond, uncond, image_latents, repaint, unet_extra):
+    def _loop_denoiser(self, guidance: float, rescale: float, cond, uncond, image_latents, repaint, unet_extra):
         """The model as a denoiser: classifier-free guidance as one batched call, a 9-channel U-Net's extra
-        inputs, the prediction type (or the consistency parametrisation), latent blending when inpainting."""
-        model = denoisers.guided_model(self._unet, cond, uncond, req.guidance, req.guidance_rescale)
+        inputs, the prediction type (or the consistency parametrisation), latent blending when inpainting.
+        Takes plain values, not the request: a captured loop must not reach into the call that captured it."""
+        model = denoisers.guided_model(self._unet, cond, uncond, guidance, rescale)
         if unet_extra is not None:
             model = denoisers.with_extra_channels(model, unet_extra)
         components = self.components
@@ -259,9 +260,12 @@ class Pipeline:
         else eager with per-call timing; then the kept latents pasted back (inpainting by blending)."""
         capture = self.backend.loop_capture
         marks: list = []
-        if capture is not None and not samplers.get(start.plan.name).stochastic:
+        stochastic = samplers.get(start.plan.name).stochastic
+        if capture is not None and not stochastic:
             x = self._denoise_captured(capture, req, start)
         else:
+            if capture is not None:  # its per-image generators are not captured: say why this call is slower
+                log.info("sampler %s draws noise per step: its loop runs eagerly, not as a CUDA graph", req.sampler)
             x = self._denoise_eager(req, start, clock, marks)
         if start.repaint is not None:
             x = start.repaint * x + (1 - start.repaint) * start.image_latents
@@ -272,7 +276,8 @@ class Pipeline:
         every few seconds when stderr is not a terminal)."""
         from tqdm.auto import tqdm
 
-        denoiser = self._denoiser(req, start.cond, start.uncond, start.image_latents, start.repaint, start.unet_extra)
+        denoiser = self._loop_denoiser(req.guidance, req.guidance_rescale, start.cond, start.uncond,
+                                       start.image_latents, start.repaint, start.unet_extra)  # fmt: skip
         step_generators = [
             torch.Generator(self.device).manual_seed((s + _STEP_SEED_OFFSET) % 2**63) for s in req.seeds
         ]
@@ -291,27 +296,28 @@ class Pipeline:
             return samplers.run(plan, timed, start.x, step_generators)
 
     def _denoise_captured(self, capture, req: Request, start: Start) -> torch.Tensor:
-        """The whole loop as one CUDA graph per setting (no per-step timings: the steps run as one launch)."""
+        """The whole loop as one CUDA graph per setting (no per-step timings: the steps run as one launch).
+
+        Every per-call tensor is a graph input, and the loop reads nothing else from this call but the plan and
+        guidance values, which the key holds (see :mod:`diffrt.graphs`)."""
         inputs = {"x": start.x, **{"cond." + k: v for k, v in start.cond.items()}}
         if start.uncond is not None:
             inputs.update({"uncond." + k: v for k, v in start.uncond.items()})
-        if start.repaint is not None:
-            inputs.update(repaint=start.repaint, image_latents=start.image_latents)
+        for name in ("repaint", "image_latents", "unet_extra"):
+            if getattr(start, name) is not None and (name != "image_latents" or start.repaint is not None):
+                inputs[name] = getattr(start, name)
+        plan, guidance, rescale = start.plan, req.guidance, req.guidance_rescale
 
         def loop(**buffers):
             def part(prefix):
                 return {k[len(prefix) :]: v for k, v in buffers.items() if k.startswith(prefix)} or None
 
-            denoiser = self._denoiser(req, part("cond."), part("uncond."), buffers.get("image_latents"),
-                                      buffers.get("repaint"), start.unet_extra)  # fmt: skip
-            return samplers.run(start.plan, denoiser, buffers["x"])
+            denoiser = self._loop_denoiser(guidance, rescale, part("cond."), part("uncond."),
+                                           buffers.get("image_latents"), buffers.get("repaint"),
+                                           buffers.get("unet_extra"))  # fmt: skip
+            return samplers.run(plan, denoiser, buffers["x"])
 
-        plan = start.plan
-        key = (
-            plan.name, repr(sorted(req.sampler_options.items())), tuple(plan.levels.alphas.tolist()),
-            tuple(plan.levels.timesteps.tolist()), req.guidance, req.guidance_rescale,
-            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items())),
-        )  # fmt: skip
+        key = ("loop", plan.host_key, float(guidance), float(rescale), self.backend.capture_state())
         return capture.run(key, loop, inputs)
 
     # ----------------------------------------------------------------------------------- decode

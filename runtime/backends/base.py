@@ -28,6 +28,11 @@ class Backend(Protocol):
         """Run the VAE in float32 from now on (float16 VAEs overflow on some latents)."""
         ...
 
+    def capture_state(self) -> tuple:
+        """What a captured loop depends on in the backend itself (dtypes, kernel patches): part of its key.
+        Needed only where ``loop_capture`` is not None."""
+        ...
+
 
 def check_options(backend: str, options: dict, allowed) -> None:
     unknown = sorted(set(options) - set(allowed))

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
+from ..graphs import LoopGraphCache
 from .base import check_options
 from .exported import ExportedBackend
 
@@ -95,25 +95,22 @@ class _Engine:
         if sorted(self.inputs) != sorted(spec.input_names) or sorted(self.outputs) != sorted(spec.output_names):
             raise ValueError(f"{path} has IO {self.inputs} -> {self.outputs}, not {spec.name}'s")
         self.context = self.engine.create_execution_context()
-        self.cuda_graphs, self.max_graphs = cuda_graphs, max_graphs
-        self.captured: OrderedDict[tuple, _CapturedShape] = OrderedDict()
+        self.cuda_graphs = cuda_graphs
+        self.captured = LoopGraphCache(max_graphs, capture=self._capture_shape, cuda_pool=True)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.spec.check_inputs(inputs, self.profile)  # outside the profile: a clear error, not a TensorRT one
         tensors = {n: inputs[n].detach().to(self.device, self.dtypes[n]).contiguous() for n in self.inputs}
-        if self.cuda_graphs:
-            key = tuple((n, tuple(t.shape)) for n, t in tensors.items())
-            if key not in self.captured:
-                if len(self.captured) >= self.max_graphs:
-                    self.captured.popitem(last=False)  # frees that shape's context and buffers
-                self.captured[key] = _CapturedShape(self, tensors)
-            self.captured.move_to_end(key)
-            return self.captured[key](tensors)
+        if self.cuda_graphs:  # one graph per input shape (the cache keys on every input's shape and dtype)
+            return self.captured.run(("engine", self.path.name), None, tensors)
         stream = torch.cuda.current_stream(self.device)
         outputs = _bind(self, self.context, tensors)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run {self.path.name}")
         return outputs  # ordered on torch's stream: the inputs' memory is not reused before the engine is done
+
+    def _capture_shape(self, fn, inputs: dict[str, torch.Tensor], pool=None) -> _CapturedShape:
+        return _CapturedShape(self, inputs, pool)
 
     def refit(self, onnx_path: Path) -> None:
         refit_engine(self.engine, onnx_path)
@@ -136,7 +133,7 @@ def _bind(engine: _Engine, context, tensors: dict[str, torch.Tensor]) -> dict[st
 class _CapturedShape:
     """One input shape's context with static buffers, its enqueue captured as a CUDA graph."""
 
-    def __init__(self, engine: _Engine, tensors: dict[str, torch.Tensor]):
+    def __init__(self, engine: _Engine, tensors: dict[str, torch.Tensor], pool=None):
         self.context = engine.engine.create_execution_context()
         self.inputs = {n: t.clone() for n, t in tensors.items()}
         self.outputs = _bind(engine, self.context, self.inputs)
@@ -147,11 +144,11 @@ class _CapturedShape:
             raise RuntimeError(f"TensorRT failed to run {engine.path.name}")
         stream.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
+        with torch.cuda.graph(self.graph, stream=stream, pool=pool):
             self.context.execute_async_v3(stream.cuda_stream)
         torch.cuda.current_stream(engine.device).wait_stream(stream)
 
-    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
         for name, x in tensors.items():
             self.inputs[name].copy_(x)
         self.graph.replay()

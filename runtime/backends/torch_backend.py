@@ -52,6 +52,9 @@ class TorchBackend:
         precision = _PRECISIONS[self.vae_dtype if graph in VAE_GRAPHS else self.dtype]
         return {t.name: inputs[t.name].to(self.device, t.torch_dtype(precision)) for t in spec.inputs}
 
+    def capture_state(self) -> tuple:
+        return (self.name, str(self.dtype), str(self.vae_dtype))
+
     @torch.inference_mode()
     def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
         if graph not in self.specs:

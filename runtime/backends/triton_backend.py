@@ -51,6 +51,9 @@ class TritonBackend(TorchBackend):
             prepared["sample"] = prepared["sample"].contiguous(memory_format=torch.channels_last)
         return prepared
 
+    def capture_state(self) -> tuple:
+        return (*super().capture_state(), tuple(type(handle).__name__ for handle in self.patches))
+
     def upcast_vae(self) -> None:
         super().upcast_vae()
         if self.loop_capture is not None:

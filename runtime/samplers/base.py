@@ -7,6 +7,7 @@ once; ``run`` is the loop, which only indexes those tensors and calls the denois
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class Plan:
     coefs: dict[str, torch.Tensor]  # name -> [steps, ...] tensor on the device
     static: dict[str, Any] = field(default_factory=dict)  # python lists: orders, which steps add noise, ...
     noise_dtype: torch.dtype | None = None
+    host_key: str = ""  # digest of every host-side value baked into the loop (see plan_key); no device reads
 
     def denoise(self, denoiser, x: torch.Tensor, i: int) -> torch.Tensor:
         """One model evaluation at level i, returned in x's dtype."""
@@ -109,7 +111,19 @@ def prepare(name: str, grid: Grid, device, dtype: torch.dtype, **options) -> Pla
             )
     levels = Levels(*(getattr(grid, k).to(device=device, dtype=dtype) for k in ("alphas", "sigmas", "timesteps")))
     tensors = {k: torch.as_tensor(v, dtype=dtype).to(device) for k, v in coefs.items()}
-    return Plan(name, levels, tensors, static, noise_dtype)
+    return Plan(name, levels, tensors, static, noise_dtype, plan_key(name, host, coefs, static, noise_dtype, dtype))
+
+
+def plan_key(name: str, host: HostGrid, coefs: dict, static: dict, noise_dtype, dtype) -> str:
+    """A digest of what a captured loop bakes in: the sampler, the grid's levels, every coefficient's values
+    (which is where options like ``solver_type`` end up), the static facts and the dtypes. Two plans with the
+    same key run the same kernels on the same numbers; it is computed from the host copies only."""
+    digest = hashlib.sha256(repr((name, host.kind, sorted(static.items()), str(noise_dtype), str(dtype))).encode())
+    for array in (host.alphas, host.sigmas, host.timesteps, *(coefs[k] for k in sorted(coefs))):
+        array = np.ascontiguousarray(array, dtype=np.float64)
+        digest.update(repr(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def run(plan: Plan, denoiser, x: torch.Tensor, generator=None) -> torch.Tensor:
