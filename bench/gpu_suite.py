@@ -83,7 +83,7 @@ def _spawn(part: str, out: Path) -> dict:
 def _run_part(part: str, out: Path, cuda: bool) -> int:
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
-    metrics = globals()[f"_part_{part}"](out, cuda)
+    metrics = _PART_FUNCTIONS[part](out, cuda)
     write_result(out / f"part-{part}.json", f"{KIND}-part", {"part": part, "cuda": cuda}, metrics)
     return 0
 
@@ -220,6 +220,10 @@ def _part_parity(out: Path, cuda: bool) -> dict:
     bad = [k for k, r in rows.items() if not r["ok"]]
     detail = ", ".join(f"{k} {r['max_abs_error']:.1e}" for k, r in rows.items()) + f" (limit {tolerance:g})"
     return {"status": "failed" if bad else "passed", "detail": detail, "model": model, "backends": rows}
+
+
+_PART_FUNCTIONS = {"tests": _part_tests, "kernels": _part_kernels, "latency": _part_latency,
+                   "compile": _part_compile, "embedded": _part_embedded, "parity": _part_parity}  # fmt: skip
 
 
 def format_table(results: dict) -> str:

@@ -51,7 +51,6 @@ class ReplayEmulation:
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor], pool=None):
         self.fn = fn
         self.static = {k: v.clone() for k, v in inputs.items()}
-        self.captures = 1
 
     def __call__(self, **inputs) -> torch.Tensor:
         _copy_into(self.static, inputs)

@@ -8,6 +8,7 @@ one batch; a grid holds every image until the end, so it is capped at ``MAX_GRID
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -22,6 +23,7 @@ FOLDER_NAMES = "image_{i:06d}_seed{seed}.png"
 FIELDS = ("i", "seed")
 
 
+@functools.cache
 def image_formats() -> dict[str, str]:
     """File extension -> PIL format, for the formats PIL can write."""
     from PIL import Image

@@ -158,8 +158,8 @@ class Pipeline:
         t_image = clock.mark()
         start = self._start(req, cond, uncond, image_latents)
         x, unet_marks = self._denoise(req, start, clock)
-        _require_finite(x, "latents", req)
         t_denoised = clock.mark()
+        _require_finite(x, "latents", req)  # after the mark: the host sync it needs is not timed as denoising
         result = x if req.output_type == "latent" else self._decode_output(req, x)
         t_end = clock.mark()
 
@@ -260,8 +260,7 @@ class Pipeline:
         else eager with per-call timing; then the kept latents pasted back (inpainting by blending)."""
         capture = self.backend.loop_capture
         marks: list = []
-        stochastic = samplers.get(start.plan.name).stochastic
-        if capture is not None and not stochastic:
+        if capture is not None and not samplers.get(start.plan.name).stochastic:
             x = self._denoise_captured(capture, req, start)
         else:
             if capture is not None:  # its per-image generators are not captured: say why this call is slower
@@ -303,9 +302,10 @@ class Pipeline:
         inputs = {"x": start.x, **{"cond." + k: v for k, v in start.cond.items()}}
         if start.uncond is not None:
             inputs.update({"uncond." + k: v for k, v in start.uncond.items()})
-        for name in ("repaint", "image_latents", "unet_extra"):
-            if getattr(start, name) is not None and (name != "image_latents" or start.repaint is not None):
-                inputs[name] = getattr(start, name)
+        if start.repaint is not None:
+            inputs.update(repaint=start.repaint, image_latents=start.image_latents)
+        if start.unet_extra is not None:
+            inputs["unet_extra"] = start.unet_extra
         plan, guidance, rescale = start.plan, req.guidance, req.guidance_rescale
 
         def loop(**buffers):
@@ -327,11 +327,13 @@ class Pipeline:
         vae = self.components.vae.config
         z = latents / vae.scaling_factor + (vae.get("shift_factor") or 0.0)
         image = self.backend.run("vae_decoder", latent=z)["image"]
-        if self.vae_precision == "auto" and not torch.isfinite(image).all():
+        finite = bool(torch.isfinite(image).all())
+        if self.vae_precision == "auto" and not finite:
             log.warning("the %s VAE overflowed (non-finite pixels); decoding in float32 from now on", image.dtype)
             self.backend.upcast_vae()
             image = self.backend.run("vae_decoder", latent=z)["image"]
-        if not bool(torch.isfinite(image).all()):
+            finite = bool(torch.isfinite(image).all())
+        if not finite:
             raise ValueError(f"the VAE decoder gave non-finite pixels ({image.dtype}) from finite latents")
         return (image.to(torch.float32) / 2 + 0.5).clamp(0, 1)
 

@@ -36,7 +36,7 @@ class CompileBackend(TorchBackend):
         super().__init__(components, device, dtype)
         self.mode, self.dynamic = mode, dynamic
         self.compiled = {name: self._compile(name) for name in COMPILED_GRAPHS}
-        self._compiled_for: set[tuple] = set()  # (graph, input shapes) already compiled
+        self._compiled_for: set[tuple] = set()  # (graph, dtype, first input's shape) already compiled
 
     def _compile(self, graph: str):
         return torch.compile(self.modules[graph], mode=self.mode, dynamic=self.dynamic)
@@ -50,13 +50,14 @@ class CompileBackend(TorchBackend):
         return super().run(graph, **inputs)
 
     def _announce(self, graph: str, inputs: dict) -> None:
-        """Say so when a call will compile: the first call of each graph and shape takes minutes, silently."""
-        shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items() if isinstance(v, torch.Tensor))
-        key = (graph, self.dtype if graph != "vae_decoder" else self.vae_dtype, shapes)
+        """Say so when a call will compile: the first call of each graph and size takes minutes, silently.
+        Keyed on the first input's shape (the batch and latent size the others follow): one lookup per call."""
+        first = next(iter(inputs.values()))
+        key = (graph, self.vae_dtype if graph == "vae_decoder" else self.dtype, tuple(first.shape))
         if key not in self._compiled_for:
             self._compiled_for.add(key)
             log.info("compiling %s with torch.compile (mode %s, first call at %s; this can take minutes)",
-                     graph, self.mode, "x".join(map(str, shapes[0][1])) if shapes else "these shapes")  # fmt: skip
+                     graph, self.mode, "x".join(map(str, first.shape)))  # fmt: skip
 
     def upcast_vae(self) -> None:
         super().upcast_vae()
