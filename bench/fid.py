@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def weights_fingerprint(components) -> str:
-    """The U-Net's and VAE's weights fingerprint (:mod:`diffrt.fingerprint`): the baseline is tied to them."""
-    return weights_digest({"unet": components.unet, "vae": components.vae})[:16]
+    """The denoiser's and VAE's weights fingerprint (:mod:`diffrt.fingerprint`): the baseline is tied to them."""
+    return weights_digest({components.denoiser_name: components.denoiser, "vae": components.vae})[:16]
 
 
 def measure(pipe, settings: dict) -> dict:

@@ -11,6 +11,9 @@ Parts (on a CUDA machine; at most about 8 minutes in all):
   compile    the same sd15 run with compile max-autotune-no-cudagraphs (in its own time box), torch beside it
   embedded   the embedded models end to end (skipped where the MiniLM package is missing)
   parity     fp16 torch and triton images of sd15 against float32 eager, within a stated tolerance
+  dit        ``bench latency`` on flux-dev (1024 px, 28 steps, guidance 3.5, bf16) and sd35-large (1024 px, 28
+             steps, CFG 3.5, bf16), torch eager (published anchor for FLUX.1-dev on an H200: diffusers SDPA
+             5.58 s, + torch.compile + FlashAttention-3 3.73 s, SGLang Diffusion 3.50 s)
 
 Without CUDA the same parts run on ``tiny`` shapes (the torch backend; bfloat16 for the parity check) and the
 CUDA-only ones are marked skipped with the reason: a dry run in well under two minutes, which CI runs.
@@ -28,8 +31,9 @@ from pathlib import Path
 
 from ..results import write_result
 
-PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity")
-LIMITS_S = {"tests": 90, "kernels": 45, "latency": 150, "compile": 90, "embedded": 25, "parity": 60}  # 460 s
+PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity", "dit")
+LIMITS_S = {"tests": 90, "kernels": 45, "latency": 140, "compile": 90, "embedded": 25, "parity": 60,
+            "dit": 130}  # 580 s: under the 10 minutes one GPU call may run  # fmt: skip
 PARITY_TOLERANCE = {"float16": 0.05, "bfloat16": 0.1}  # max |image difference| in [0, 1] against fp32 eager
 KIND = "gpu-suite"
 
@@ -147,6 +151,21 @@ def _latency_runs(cuda: bool) -> list[tuple[str, list[str]]]:
                       "--repeat", "5", *common])]  # fmt: skip
 
 
+def _dit_runs(cuda: bool) -> list[tuple[str, list[str]]]:
+    """The transformer families: FLUX.1-dev and SD3.5 Large at their published settings (tiny shapes on the CPU)."""
+    if not cuda:
+        return [(name, ["--model", name, "--backend", "torch", "--steps", "2", "--warmup", "1", "--repeat", "2",
+                        "--device", "cpu"]) for name in ("tiny-flux", "tiny-sd3")]  # fmt: skip
+    common = ["--backend", "torch", "--height", "1024", "--width", "1024", "--steps", "28", "--dtype", "bfloat16",
+              "--warmup", "1", "--repeat", "2", "--device", "cuda"]  # fmt: skip
+    return [("flux-dev", ["--model", "flux-dev", "--guidance", "3.5", *common]),
+            ("sd35-large", ["--model", "sd35-large", "--guidance", "3.5", *common])]
+
+
+def _part_dit(out: Path, cuda: bool) -> dict:
+    return _latency_part(out, _dit_runs(cuda))
+
+
 def _compile_runs(cuda: bool) -> list[tuple[str, list[str]]]:
     """max-autotune-no-cudagraphs in a part of its own (its autotuning may take minutes), torch beside it."""
     if not cuda:
@@ -223,7 +242,8 @@ def _part_parity(out: Path, cuda: bool) -> dict:
 
 
 _PART_FUNCTIONS = {"tests": _part_tests, "kernels": _part_kernels, "latency": _part_latency,
-                   "compile": _part_compile, "embedded": _part_embedded, "parity": _part_parity}  # fmt: skip
+                   "compile": _part_compile, "embedded": _part_embedded, "parity": _part_parity,
+                   "dit": _part_dit}  # fmt: skip
 
 
 def format_table(results: dict) -> str:

@@ -1,4 +1,4 @@
-"""``diffrt bench samplers --model fashion|fashion-flow|fashion-lcm``: quality against steps on a trained model.
+"""``diffrt bench samplers --model fashion|fashion-flow|fashion-lcm|fashion-dit``: quality against steps.
 
 For each sampler and step count the model generates ``--samples`` images (an equal share per class prompt,
 the same seeds for every cell) that the project's classifier scores (:mod:`diffrt.bench.quality`): prompt

@@ -1,7 +1,7 @@
 """``diffrt bench samplers``: sampler quality against model calls, on an exact oracle or a trained model.
 
 ``--model gmm``: error against NFE on a Gaussian mixture with an exact denoiser (:mod:`diffrt.bench.oracle`).
-A trained model (fashion, fashion-flow, fashion-lcm or a folder): adherence and domain FID against steps
+A trained model (fashion, fashion-flow, fashion-lcm, fashion-dit or a folder): adherence and domain FID against steps
 (:mod:`diffrt.bench.model_samplers`). This module parses and checks the arguments; it imports no torch, so
 the command line's help starts fast.
 """
@@ -20,7 +20,7 @@ DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gmm",
                         help=f"oracle model ({', '.join(ORACLES)}) or a trained model (fashion, fashion-flow, "
-                             "fashion-lcm or a folder: adherence and domain FID against steps)")
+                             "fashion-lcm, fashion-dit or a folder: adherence and domain FID against steps)")
     parser.add_argument("--steps", default=None, help="trained models: comma list of step counts "
                                                       "(default 1,2,4,8,20,50)")
     parser.add_argument("--guidance", type=float, default=None, help="trained models (default: the model's)")

@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: fp32 for onnx, fp16 for tensorrt (bf16: tensorrt only)")  # fmt: skip
     p.add_argument("--out", required=True, help="output folder (one file per graph + manifest.json)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
+    p.add_argument("--exporter", choices=["torchscript", "dynamo"], default=None,
+                   help="default: the model family's (dynamo for FLUX.1, torchscript for the others)")
     p.add_argument("--device", default=None, help="default: cpu for onnx, cuda for tensorrt")
     p.add_argument("--graphs", nargs="+", default=None, help="only these graphs (default: all)")
     for var, what in (("batch", "images per call"), ("height", "pixels"), ("width", "pixels"),
@@ -57,7 +58,7 @@ def run(args) -> int:
         from .onnx_export import OnnxSettings
 
         require("onnx", "onnxruntime", feature="diffrt export --format onnx (the graphs, their parity check)")
-        OnnxSettings(precision, args.opset, args.exporter).resolved()  # bad settings: fail before loading
+        OnnxSettings(precision, args.opset, args.exporter or "torchscript").resolved()  # bad settings: fail now
     device = args.device or ("cuda" if args.format == "tensorrt" else "cpu")
     # weights in the export's dtype: the model hash then matches a pipeline loaded that way
     pipe = load(args.model, device=device, dtype=_DTYPES[precision])

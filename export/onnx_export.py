@@ -7,7 +7,10 @@ and batch) and match torch as closely (~1e-6); it exports 10-15x faster (the tin
 4 s against 53 s on 2 cores: this matters for export on first use and for SD-sized U-Nets), takes plain
 dynamic axes, writes opset 17 (read by every TensorRT 8.6+ parser; NVIDIA's own diffusion demo exports
 this way) and needs no onnxscript. ``exporter="dynamo"`` is there too (needs onnxscript); its dims are
-declared from the specs as multiples of the latent factor.
+declared from the specs as multiples of the latent factor. It is FLUX.1's default (``exporter=None`` takes
+the family's): the TorchScript tracer freezes the batch and token counts inside diffusers' rotary-embedding
+and attention reshapes, so its graphs ran at the traced shapes only. SD3 keeps TorchScript: torch.export
+specializes its cropped position embedding to the traced size.
 
 fp16: the graphs are exported from a float16 copy of the modules, then every normalization (GroupNorm's
 InstanceNormalization, LayerNormalization) and softmax is wrapped in casts so its statistics and
@@ -26,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import artifacts
+from .. import artifacts, families
 from ..artifacts import file_record
 from ..backends.onnxruntime_backend import ort_session, session_options  # noqa: F401  (session_options: earlier home)
 from . import cache
 from .modules import graph_module, run_module
+from .onnx_ops import torchscript_symbolics
 from .specs import (
     PRECISIONS,
     ShapeRanges,
@@ -82,26 +86,31 @@ class OnnxSettings:
 
 
 # ------------------------------------------------------------------------------------------ public API
+def default_exporter(components, exporter: str | None) -> str:
+    """``exporter``, or the model family's default when None (see the module docstring)."""
+    return exporter or families.of(components).onnx_exporter
+
+
 def export_onnx(
-    pipe, out_dir, *, precision: str = "fp32", opset: int | None = None, exporter: str = "torchscript",
+    pipe, out_dir, *, precision: str = "fp32", opset: int | None = None, exporter: str | None = None,
     graphs: list[str] | None = None, ranges: ShapeRanges | None = None, force: bool = False,
 ) -> dict:  # fmt: skip
     """Write one ONNX file per graph of ``pipe`` (a Pipeline or its Components) and ``manifest.json`` into
     ``out_dir``; return the manifest. Graphs already there for the same model and settings, with intact
     files, are kept unless ``force``."""
     components = getattr(pipe, "components", pipe)
-    settings = OnnxSettings(precision, opset, exporter).resolved()
+    settings = OnnxSettings(precision, opset, default_exporter(components, exporter)).resolved()
     ranges = (ranges or ShapeRanges()).resolved(components)
     return _export_folder(components, Path(out_dir), settings, graphs, ranges, artifacts.model_hash(components), force)
 
 
 def ensure_onnx(
-    components, *, precision: str = "fp32", opset: int | None = None, exporter: str = "torchscript",
+    components, *, precision: str = "fp32", opset: int | None = None, exporter: str | None = None,
     graphs: list[str] | None = None, cache_dir=None, model_hash: str | None = None,
 ) -> tuple[Path, dict]:  # fmt: skip
     """The cached export of ``components`` for these settings, exporting (or repairing) what is missing.
     Returns (folder, manifest)."""
-    settings = OnnxSettings(precision, opset, exporter).resolved()
+    settings = OnnxSettings(precision, opset, default_exporter(components, exporter)).resolved()
     mhash = model_hash or artifacts.model_hash(components)
     folder = onnx_cache_folder(components, settings, mhash, cache_dir)
     wanted = graphs or graph_names(components)
@@ -128,7 +137,7 @@ def open_export(folder, components=None, graphs: list[str] | None = None, model_
 
 
 def _weights_dtype(components) -> str:
-    return str(components.unet.dtype).removeprefix("torch.")
+    return str(components.denoiser.dtype).removeprefix("torch.")
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -220,7 +229,7 @@ def _write_graph(components, spec, settings: OnnxSettings, path: Path, ranges: S
     module = graph_module(components, spec.name, settings.precision)
     device = next(module.parameters()).device
     m = pixel_multiple(components)
-    trace_values = {"batch": 2, "height": 2 * m, "width": 3 * m, "sequence": ranges.sequence[1]}
+    trace_values = within_limits(spec, {"batch": 2, "height": 2 * m, "width": 3 * m, "sequence": ranges.sequence[1]})
     generator = torch.Generator().manual_seed(0)
     inputs = spec.sample_inputs(trace_values, settings.precision, generator=generator, device=device)
     raw = path.parent / "raw" / path.name
@@ -253,16 +262,28 @@ def _describe(spec, precision: str, ranges: ShapeRanges) -> dict:
 
 
 def _run_exporter(module, spec, inputs: dict, path: Path, settings: OnnxSettings) -> None:
+    if settings.exporter == "dynamo":
+        from ..optional import require
+
+        require("onnxscript", feature=f"exporting {spec.name} with the dynamo exporter")
     common = dict(input_names=spec.input_names, output_names=spec.output_names, opset_version=settings.opset)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches: parity is checked below
         try:
             if settings.exporter == "torchscript":
-                torch.onnx.export(module, (), str(path), kwargs=inputs, dynamic_axes=spec.dynamic_axes(),
-                                  dynamo=False, do_constant_folding=True, **common)  # fmt: skip
+                with torchscript_symbolics(settings.opset):
+                    torch.onnx.export(module, (), str(path), kwargs=inputs, dynamic_axes=spec.dynamic_axes(),
+                                      dynamo=False, do_constant_folding=True, **common)  # fmt: skip
             else:
-                program = torch.onnx.export(module, (), kwargs=inputs, dynamic_shapes=_dynamo_shapes(spec),
-                                            dynamo=True, optimize=True, verbose=False, **common)  # fmt: skip
+                # its registry warns about every torchvision op it cannot find: nothing here uses them
+                registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+                level = registry.level
+                registry.setLevel(logging.ERROR)
+                try:
+                    program = torch.onnx.export(module, (), kwargs=inputs, dynamic_shapes=_dynamo_shapes(spec),
+                                                dynamo=True, optimize=True, verbose=False, **common)  # fmt: skip
+                finally:
+                    registry.setLevel(level)
                 program.save(str(path))
         except ExportError:
             raise
@@ -344,6 +365,15 @@ def elem_types(model) -> dict[str, int]:
     return types
 
 
+def within_limits(spec, values: dict[str, int]) -> dict[str, int]:
+    """Shape values clipped to the graph's limits: one shared token count, CLIP's graphs capped at 77."""
+    clipped = dict(values)
+    for var, (low, high) in spec.limits.items():
+        if var in clipped:
+            clipped[var] = max(low, clipped[var] if high is None else min(high, clipped[var]))
+    return clipped
+
+
 # --------------------------------------------------------------------------------------------- parity
 def _parity_values(components, ranges: ShapeRanges) -> list[dict[str, int]]:
     """Two small shape sets unlike the traced one (batch 2 at 2m x 3m): batch 1 and 3, transposed sizes."""
@@ -364,7 +394,7 @@ def measure_parity(components, spec, path, precision: str, shape_sets: list[dict
     generator = torch.Generator().manual_seed(seed)
     worst, per_output = 0.0, {}
     for values in shape_sets:
-        inputs = spec.sample_inputs(values, "fp32", generator=generator)
+        inputs = spec.sample_inputs(within_limits(spec, values), "fp32", generator=generator)
         expected = run_module(reference, spec, {k: v.to(device) for k, v in inputs.items()})
         feeds = {t.name: inputs[t.name].to(t.torch_dtype(precision)).numpy() for t in spec.inputs}
         got = dict(zip(spec.output_names, session.run(spec.output_names, feeds), strict=True))

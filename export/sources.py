@@ -34,7 +34,7 @@ class OnnxSource:
     """ONNX graphs: from ``onnx_dir`` (verified against this model) for its own precision, else from the
     export cache (also the float32 VAE of an fp16 ``onnx_dir``)."""
 
-    def __init__(self, components, *, cache_dir=None, onnx_dir=None, opset=None, exporter="torchscript"):
+    def __init__(self, components, *, cache_dir=None, onnx_dir=None, opset=None, exporter=None):
         self.components, self.cache_dir = components, artifacts.resolve_cache_dir(cache_dir)
         self.onnx_dir = None if onnx_dir is None else Path(onnx_dir)
         self.opset, self.exporter = opset, exporter

@@ -16,6 +16,9 @@ from ..graphspec import PRECISIONS, TORCH_DTYPES, VARIABLES, Dim, GraphSpec, Ten
 __all__ = ["PRECISIONS", "TORCH_DTYPES", "VARIABLES", "Dim", "GraphSpec", "ShapeRanges", "TensorSpec", "graph_names",
            "graph_profile", "graph_specs", "input_profile_shapes", "pixel_multiple"]  # fmt: skip
 
+DENOISER_GRAPHS = ("unet", "transformer")  # the graphs classifier-free guidance runs at twice the batch
+
+
 @dataclass(frozen=True)
 class ShapeRanges:
     """(min, opt, max) of the images' batch, height, width and the prompt's token count: the engine profiles.
@@ -68,7 +71,7 @@ def graph_profile(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, tuple[int, 
     profile = {}
     for var in spec.variables:
         lo, opt, hi = getattr(ranges, var)
-        if var == "batch" and spec.name == "unet":
+        if var == "batch" and spec.name in DENOISER_GRAPHS:
             opt, hi = 2 * opt, 2 * hi
         m = spec.multiples.get(var, 1)
         lo, hi = -(-lo // m) * m, hi // m * m

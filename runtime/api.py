@@ -26,7 +26,7 @@ def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precisi
     _check_backend(backend, backend_options)  # before any heavy loading
     if vae_precision not in VAE_PRECISIONS:
         raise ValueError(f"vae_precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
-    components = load_components(source, dtype=dtype)
+    components = load_components(source, dtype=dtype, device=device)
     runner = create_backend(backend, components, device, dtype, **backend_options)
     return Pipeline(components, runner, device, dtype, vae_precision=vae_precision)
 

@@ -93,7 +93,7 @@ def model_hash(components) -> str:
     """What an export is made from: the family, each graph module's class and config, and the weights
     fingerprint (:mod:`diffrt.fingerprint`). Paths play no part: the same weights loaded from two folders, or
     in two float dtypes, hash the same."""
-    modules = {"unet": components.unet, "vae": components.vae}
+    modules = {components.denoiser_name: components.denoiser, "vae": components.vae}
     modules.update({f"text_encoder_{i}": m for i, m in enumerate(components.text_encoders)})
     return key_hash({
         "format": EXPORT_FORMAT, "family": components.family,

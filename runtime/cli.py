@@ -70,7 +70,7 @@ def _add_models(subparsers) -> None:
     export.set_defaults(run=lambda a: _models_call("materialize", a.name, a.out), out_kind=NEW_FOLDER)
     ship = actions.add_parser("ship", help="(developers) copy a `diffrt train` output into the package")
     ship.add_argument("trained", help="folder written by `diffrt train`")
-    ship.add_argument("name", help="fashion, fashion-flow, fashion-lcm or fashion-classifier")
+    ship.add_argument("name", help="fashion, fashion-flow, fashion-lcm, fashion-dit or fashion-classifier")
     ship.set_defaults(run=lambda a: _models_call("ship", a.trained, a.name))
 
 
@@ -104,13 +104,19 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"an embedded model ({', '.join(defaults.EMBEDDED_MODELS)}; no download), a random-weight "
-                        f"preset (sd15, sdxl, tiny, ...) or a local diffusers folder (default: {DEFAULT_MODEL})")
+                        f"preset (sd15, sdxl, sd3-medium, flux-dev, tiny, ...) or a local diffusers folder "
+                        f"(SD 1.x/2.x, SDXL, SD3, FLUX.1; default: {DEFAULT_MODEL})")
     p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
     p.add_argument("--sampler", default=None, help="default: the model's; see `diffrt samplers`")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (FLUX.1-dev: its "
+                   "distilled guidance, an input of the model)")  # fmt: skip
+    p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX.1-dev: classifier-free guidance on top, with "
+                   "--negative (default 1: off)")  # fmt: skip
+    p.add_argument("--max-sequence-length", type=int, default=None, help="SD3, FLUX.1: T5 tokens (default: the "
+                   "model's; longer prompts are truncated with a warning)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="image k gets seed + k (default 0)")
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call; memory grows with it, "
@@ -140,6 +146,7 @@ def _generate(args) -> int:
         args.prompt, args.negative, batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
         guidance=args.guidance, seed=args.seed, num_images=args.num_images, height=args.height, width=args.width,
         image=pictures.get("image"), mask_image=pictures.get("mask"), strength=args.strength,
+        true_cfg=args.true_cfg, max_sequence_length=args.max_sequence_length,
     )  # fmt: skip
     kept, seeds, start = [], [], time.perf_counter()
     shown_at = start
@@ -168,7 +175,9 @@ def _samplers(args) -> int:
     for name in samplers.available():
         sampler = samplers.get(name)
         options = ", ".join(sampler.options()) or "-"
-        print(f"{name:16s} {sampler.summary}  [options: {options}]")
+        flow = "flow" if sampler.suits_flow else "    "
+        print(f"{name:16s} {flow}  {sampler.summary}  [options: {options}]")
+    print("\nflow: a deterministic ODE solver, valid on flow-matching grids (SD3, FLUX.1, fashion-flow, fashion-dit)")
     return 0
 
 

@@ -11,7 +11,9 @@ from . import defaults as sampling_defaults
 @dataclass
 class Components:
     """A loaded model: its diffusers/transformers modules, scheduler (the training schedule and prediction
-    type; sampling uses diffrt's samplers), family (a key of :mod:`diffrt.families`) and sampling defaults."""
+    type; sampling uses diffrt's samplers), family (a key of :mod:`diffrt.families`) and sampling defaults.
+
+    The denoiser is ``unet`` (U-Net families) or ``transformer`` (SD3, FLUX.1); the other one is None."""
 
     name: str
     family: str
@@ -23,6 +25,17 @@ class Components:
     random_weights: bool = False
     defaults: dict = field(default_factory=sampling_defaults.merged)
     path: Path | None = None
+    transformer: object = None
+
+    @property
+    def denoiser(self):
+        """The denoising network: the U-Net or the transformer."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def denoiser_name(self) -> str:
+        """``unet`` or ``transformer``: the denoiser's folder name (and its label in weight fingerprints)."""
+        return "unet" if self.unet is not None else "transformer"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -35,12 +48,12 @@ class Components:
     @property
     def inpainting_unet(self) -> bool:
         """An inpainting U-Net takes latents + mask + masked-image latents (4 + 1 + 4 channels)."""
-        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+        return self.unet is not None and self.unet.config.in_channels == 2 * self.latent_channels + 1
 
     @property
     def guidance_embedding_dim(self) -> int | None:
         """Width of the guidance-scale embedding of guidance-distilled (LCM) U-Nets, else None."""
-        return self.unet.config.get("time_cond_proj_dim") or None
+        return None if self.unet is None else self.unet.config.get("time_cond_proj_dim") or None
 
     @property
     def prediction_type(self) -> str:

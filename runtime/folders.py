@@ -81,30 +81,36 @@ def component_class(index: dict, name: str, path: Path) -> str:
 
 
 def load_folder(path: str | os.PathLike, dtype=None) -> Components:
-    """A local diffusers folder (U-Net families) as Components; ``dtype`` is the modules' torch dtype."""
+    """A local diffusers folder (U-Net or transformer families) as Components; ``dtype`` is the modules' torch
+    dtype. A text encoder the family may lack (SD3's T5) can be an empty entry in model_index.json."""
     import diffusers
 
     path = Path(path)
     index = read_index(path)
     family = families.for_pipeline_class(index.get("_class_name"), f"{path}/model_index.json")
 
-    def diffusers_model(name, expected):
+    def diffusers_model(name, expected: tuple[str, ...]):
         cls = component_class(index, name, path)
-        if cls != expected:
-            raise ValueError(f"{path}: {name} is a {cls}; diffrt supports {expected}")
-        return load_model(getattr(diffusers, expected), path / name, name, dtype)
+        if cls not in expected:
+            raise ValueError(f"{path}: {name} is a {cls}; diffrt supports {' or '.join(expected)}")
+        return load_model(getattr(diffusers, cls), path / name, name, dtype)
 
-    unet = diffusers_model("unet", "UNet2DConditionModel")
-    vae = diffusers_model("vae", "AutoencoderKL")
+    denoiser = diffusers_model(family.denoiser_part, family.denoiser_classes)
+    vae = diffusers_model("vae", ("AutoencoderKL",))
     encoders, tokenizers = [], []
     for part in family.text_encoder_parts:
+        if part in family.optional_parts and index.get(part) in (None, [None, None]):
+            continue
         encoder, tokenizer = _text_encoder(index, path, part, family, dtype)
         encoders.append(encoder)
         tokenizers.append(tokenizer)
     scheduler = _scheduler(index, path)
     model_defaults = defaults.merged(defaults.read_file(path))
-    return Components(path.name, family.name, unet, vae, encoders, tokenizers, scheduler, defaults=model_defaults,
-                      path=path)  # fmt: skip
+    unet, transformer = (denoiser, None) if family.denoiser_part == "unet" else (None, denoiser)
+    components = Components(path.name, family.name, unet, vae, encoders, tokenizers, scheduler,
+                            defaults=model_defaults, path=path, transformer=transformer)  # fmt: skip
+    family.check_components(components, path)
+    return components
 
 
 def _text_encoder(index: dict, path: Path, part: str, family, dtype):
@@ -138,24 +144,26 @@ def _scheduler(index: dict, path: Path):
 
 
 def save_folder(components: Components, folder: str | os.PathLike) -> Path:
-    """Write the components as a diffusers folder (safetensors) that diffusers' pipelines also load."""
+    """Write the components as a diffusers folder (safetensors) that diffusers' pipelines also load. A text
+    encoder the model lacks (SD3 without T5) is written as an empty entry, as diffusers writes it."""
     import diffusers
 
     family = families.of(components)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": family.save_class, "_diffusers_version": diffusers.__version__}
-    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    components.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    index["vae"] = ["diffusers", "AutoencoderKL"]
-    for part, encoder, tokenizer in zip(family.text_encoder_parts, components.text_encoders, components.tokenizers,
-                                        strict=True):  # fmt: skip
+    for part, model in ((family.denoiser_part, components.denoiser), ("vae", components.vae)):
+        model.save_pretrained(folder / part, safe_serialization=True)
+        index[part] = ["diffusers", type(model).__name__]
+    for k, part in enumerate(family.text_encoder_parts):
         tokenizer_part = part.replace("text_encoder", "tokenizer")
-        encoder.save_pretrained(folder / part, safe_serialization=True)
-        tokenizer.save_pretrained(folder / tokenizer_part)
-        index[part] = ["transformers", type(encoder).__name__]
-        index[tokenizer_part] = ["transformers", type(tokenizer).__name__]
+        if k >= len(components.text_encoders):
+            index[part] = index[tokenizer_part] = [None, None]
+            continue
+        components.text_encoders[k].save_pretrained(folder / part, safe_serialization=True)
+        components.tokenizers[k].save_pretrained(folder / tokenizer_part)
+        index[part] = ["transformers", type(components.text_encoders[k]).__name__]
+        index[tokenizer_part] = ["transformers", type(components.tokenizers[k]).__name__]
     components.scheduler.save_pretrained(folder / "scheduler")
     index["scheduler"] = ["diffusers", type(components.scheduler).__name__]
     index.update(family.index_extras)

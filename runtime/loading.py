@@ -24,13 +24,13 @@ FAMILIES = {cls: family.name for family in families.FAMILIES.values() for cls in
 TEXT_ENCODER_CLASSES = tuple(dict.fromkeys(c for f in families.FAMILIES.values() for c in f.text_encoder_classes))
 
 
-def load_components(source: str | os.PathLike, dtype=None) -> Components:
+def load_components(source: str | os.PathLike, dtype=None, device=None) -> Components:
     """Load ``source``; ``dtype`` is the modules' torch dtype (default: the weights' own, float32 for the
-    embedded models)."""
+    embedded models). Presets are built on ``device`` (their random weights need no host copy)."""
     if isinstance(source, str) and source in embedded.NAMES:
         return embedded.load(source, dtype)
     if isinstance(source, str) and source in presets.PRESETS:
-        return presets.load(source, dtype)
+        return presets.load(source, dtype, device)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(

@@ -26,6 +26,7 @@ CHECK_ABOVE = 256 * 1024**2  # smaller estimates are not worth asking the device
 RESNET_TENSORS = 6  # input, norm, activation, conv, time-embedding sum, the skip concat on the up path
 ATTENTION_TENSORS = 14  # norm, q, k, v, attention out, projection, the GEGLU feed-forward (8x wide)
 DECODER_TENSORS = 7
+TRANSFORMER_TENSORS = 16  # norm, modulated input, q, k, v, attention out, projection, gated sum, the 4x MLP
 OVERHEAD = 128 * 1024**2  # allocator slack, scratch buffers and the text encoders' activations, measured
 
 
@@ -67,13 +68,26 @@ def _vae_bytes(config, batch: int, height: int, width: int, itemsize: int) -> in
     return batch * itemsize * widest
 
 
+def _transformer_bytes(config, batch: int, image_tokens: int, text_tokens: int, itemsize: int) -> int:
+    """A transformer block's live tensors at its width: the joint sequence's norm, q/k/v, attention out and
+    projection, the 4x-wide MLP (memory-efficient attention: no score matrix)."""
+    width = config.num_attention_heads * config.attention_head_dim
+    return batch * itemsize * TRANSFORMER_TENSORS * width * (image_tokens + text_tokens)
+
+
 def estimate(components, *, batch: int, height: int, width: int, dtype_size: int, guided: bool,
-             image_to_image: bool) -> Estimate:  # fmt: skip
-    """Activation bytes of one call of ``batch`` images at ``height`` x ``width`` (see the module docstring)."""
+             image_to_image: bool, tokens: tuple[int, int] | None = None) -> Estimate:  # fmt: skip
+    """Activation bytes of one call of ``batch`` images at ``height`` x ``width`` (see the module docstring).
+    ``tokens``: a transformer's (image, text) token counts at this size (its family's)."""
     f = components.vae_scale_factor
-    unet_batch = batch * (2 if guided else 1)
+    denoiser_batch = batch * (2 if guided else 1)
+    if tokens is None:
+        denoiser = ("U-Net", _unet_bytes(components.unet.config, denoiser_batch, height // f, width // f, dtype_size))
+    else:
+        denoiser = ("transformer", _transformer_bytes(components.transformer.config, denoiser_batch, *tokens,
+                                                      dtype_size))  # fmt: skip
     stages = {
-        "U-Net": _unet_bytes(components.unet.config, unet_batch, height // f, width // f, dtype_size),
+        denoiser[0]: denoiser[1],
         "VAE decoder": _vae_bytes(components.vae.config, batch, height, width, max(dtype_size, 4)),
         "images": batch * 3 * height * width * (4 + 4 + 1),  # float32 on the device, on the host, uint8
     }
@@ -101,13 +115,14 @@ def available_bytes(device) -> tuple[int, str]:
 
 
 def check(components, device, *, batch: int, height: int, width: int, dtype_size: int, guided: bool,
-          image_to_image: bool, batch_name: str = "batch") -> Estimate:  # fmt: skip
-    """Refuse, before any work, a size more than ``MAX_AREA_FACTOR`` times the trained area, or a call whose
-    estimated activations exceed what ``device`` has free. ``batch_name``: the setting that sets ``batch``, for
-    the message."""
+          image_to_image: bool, trained_size: int, tokens: tuple[int, int] | None = None,
+          batch_name: str = "batch") -> Estimate:  # fmt: skip
+    """Refuse, before any work, a size more than ``MAX_AREA_FACTOR`` times the trained area (``trained_size``
+    pixels a side), or a call whose estimated activations exceed what ``device`` has free. ``batch_name``: the
+    setting that sets ``batch``, for the message."""
     found = estimate(components, batch=batch, height=height, width=width, dtype_size=dtype_size, guided=guided,
-                     image_to_image=image_to_image)  # fmt: skip
-    trained = components.unet.config.sample_size * components.vae_scale_factor
+                     image_to_image=image_to_image, tokens=tokens)  # fmt: skip
+    trained = trained_size
     need = (f"{batch} image(s) of {width}x{height} need about {found.peak / GIB:.2f} GiB for the {found.largest}'s "
             f"activations (estimated from the architecture; weights not counted)")  # fmt: skip
     if height * width > MAX_AREA_FACTOR * trained**2:

@@ -10,6 +10,7 @@ import sys
 EXTRAS = {
     "onnx": "diffrt[onnx]",
     "onnxruntime": "diffrt[onnx]",
+    "onnxscript": "diffrt[onnx]",
     "matplotlib": "diffrt[report]",
     "scipy": "diffrt[bench]",
     "triton": "diffrt[gpu]",

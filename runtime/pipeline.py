@@ -8,7 +8,6 @@ It talks to the model only through a backend (:mod:`diffrt.backends`), asks the 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import torch
 
 from . import denoisers, families, memory, request, samplers
 from .devices import DTYPE_NAMES, resolve_device, resolve_device_dtype  # noqa: F401  (resolve_*: earlier home)
+from .families.base import guidance_embedding  # noqa: F401  (earlier home)
 from .images import OUTPUT_TYPES, convert, image_tensor, latent_mask, to_tensor  # noqa: F401
 from .request import SPACINGS, Request  # noqa: F401  (SPACINGS: earlier home)
 from .schedules import Grid, VPSchedule, flow_grid, vp_grid
@@ -96,8 +96,11 @@ class Pipeline:
         max_steps = None
         if self.components.is_consistency:
             max_steps = self.components.scheduler.config.get("original_inference_steps")
-        return request.Rules(self.components.defaults, self.vae_scale_factor, self.min_size, self.default_size,
-                             self.components.inpainting_unet, max_steps)  # fmt: skip
+        family, components = self.family, self.components
+        distilled = family.guidance_distilled(components) and not components.guidance_embedding_dim
+        return request.Rules(components.defaults, family.size_step(components), self.min_size, self.default_size,
+                             components.inpainting_unet, max_steps, distilled,
+                             family.max_sequence_length(components), family.max_size(components))  # fmt: skip
 
     def __repr__(self):
         weights = ", RANDOM weights" if self.components.random_weights else ""
@@ -136,12 +139,14 @@ class Pipeline:
                                                                                       negative_prompt, **options)))
 
     def _memory_settings(self, req: Request) -> dict:
-        guided = req.guidance_on and not self.components.guidance_embedding_dim  # two U-Net passes per call
+        guided = req.guidance_on and not self.components.guidance_embedding_dim  # two denoiser passes per call
         return dict(batch=len(req.prompts), height=req.height, width=req.width, dtype_size=self.dtype.itemsize,
-                    guided=guided, image_to_image=req.image is not None)  # fmt: skip
+                    guided=guided, image_to_image=req.image is not None,
+                    tokens=self.family.denoiser_tokens(self.components, req.height, req.width))  # fmt: skip
 
     def _check_memory(self, req: Request, batch_name: str) -> None:
-        memory.check(self.components, self.device, batch_name=batch_name, **self._memory_settings(req))
+        memory.check(self.components, self.device, batch_name=batch_name, trained_size=self.default_size,
+                     **self._memory_settings(req))  # fmt: skip
 
     def _run(self, req: Request) -> Result:
         with self._lock:
@@ -173,17 +178,21 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------- encode
     def _encode(self, req: Request):
-        """Conditioning for the prompts and, when guidance is on, the unconditional branch (the family's)."""
-        family, run = self.family, self.backend.run
-        cond = family.encode(run, self.components, req.prompts, req.height, req.width, self.device)
-        embed_dim = self.components.guidance_embedding_dim
-        if embed_dim:  # guidance-distilled (LCM) U-Nets take the scale as an embedding: one pass, no CFG
-            w = guidance_embedding(req.guidance, embed_dim, cond["encoder_hidden_states"])
-            return {**cond, "timestep_cond": w.expand(len(req.prompts), -1)}, None
+        """Conditioning for the prompts and, when classifier-free guidance is on, the unconditional branch (the
+        family's). Guidance-distilled models (LCM U-Nets, FLUX.1-dev) get their scale as an input instead: one
+        pass, unless ``true_cfg`` asks for classifier-free guidance on top (FLUX.1-dev)."""
+        family, run, parts = self.family, self.backend.run, self.components
+        size = (req.height, req.width, self.device, req.max_sequence_length)
+        cond = family.encode(run, parts, req.prompts, *size)
+        embedded = family.embedded_guidance(parts, req.guidance, len(req.prompts), cond["encoder_hidden_states"])
+        if embedded is not None:
+            cond = {**cond, **embedded}
+            if parts.guidance_embedding_dim:  # LCM: consistency sampling has no unconditional branch
+                return cond, None
         if not req.guidance_on:
             return cond, None
-        return cond, family.unconditional(run, self.components, req.negatives, cond, req.height, req.width,
-                                          self.device)  # fmt: skip
+        uncond = family.unconditional(run, parts, req.negatives, cond, *size)
+        return cond, uncond if embedded is None else {**uncond, **embedded}
 
     def encode_image(self, picture) -> torch.Tensor:
         """Scaled latents of a picture (a PIL image, array or tensor in [0, 1], as ``image=`` takes)."""
@@ -199,18 +208,21 @@ class Pipeline:
     # -------------------------------------------------------------------------------- plan/start
     def _grid(self, req: Request) -> tuple[str, Grid, dict]:
         """The sampler, its grid and options: a configured diffusers scheduler's, or from the model's schedule."""
-        scheduler = self.components.scheduler
+        scheduler, components = self.components.scheduler, self.components
         if req.scheduler is not None:
-            return samplers.from_diffusers(req.scheduler, req.steps)
-        if self.components.is_flow:
-            return req.sampler, flow_grid(req.steps, shift=scheduler.config.get("shift", 1.0)), req.sampler_options
-        if self.components.is_consistency:
-            # consistency models are distilled on the LCM scheduler's own timesteps
-            _, grid, _ = samplers.from_diffusers(scheduler, req.steps)
+            return samplers.from_diffusers(req.scheduler, req.steps, **self._timestep_options(req.scheduler, req))
+        if self.family.uses_scheduler_grid(components):
+            # consistency models: the LCM scheduler's own timesteps; SD3/FLUX: their shifted flow grids
+            _, grid, _ = samplers.from_diffusers(scheduler, req.steps, **self._timestep_options(scheduler, req))
             return req.sampler, grid, req.sampler_options
+        if components.is_flow:
+            return req.sampler, flow_grid(req.steps, shift=scheduler.config.get("shift", 1.0)), req.sampler_options
         schedule = VPSchedule(scheduler.alphas_cumprod)
         offset = scheduler.config.get("steps_offset", 0) if req.spacing == "leading" else 0
         return req.sampler, vp_grid(schedule, req.steps, spacing=req.spacing, steps_offset=offset), req.sampler_options
+
+    def _timestep_options(self, scheduler, req: Request) -> dict:
+        return self.family.timestep_options(self.components, scheduler, req.steps, req.height, req.width)
 
     def _start(self, req: Request, cond, uncond, image_latents) -> Start:
         """Noise (one CPU generator per seed, as diffusers draws it), the sampler's plan, and the starting state:
@@ -238,7 +250,8 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- denoise
     def _unet(self, x, t, conditioning):
         timestep = t.to(torch.float32).expand(x.shape[0])
-        return self.backend.run("unet", sample=x.to(self.dtype), timestep=timestep, **conditioning)["out"]
+        graph = self.family.denoiser_part
+        return self.backend.run(graph, sample=x.to(self.dtype), timestep=timestep, **conditioning)["out"]
 
     def _loop_denoiser(self, guidance: float, rescale: float, cond, uncond, image_latents, repaint, unet_extra):
         """The model as a denoiser: classifier-free guidance as one batched call, a 9-channel U-Net's extra
@@ -275,7 +288,7 @@ class Pipeline:
         every few seconds when stderr is not a terminal)."""
         from tqdm.auto import tqdm
 
-        denoiser = self._loop_denoiser(req.guidance, req.guidance_rescale, start.cond, start.uncond,
+        denoiser = self._loop_denoiser(req.cfg_scale, req.guidance_rescale, start.cond, start.uncond,
                                        start.image_latents, start.repaint, start.unet_extra)  # fmt: skip
         step_generators = [
             torch.Generator(self.device).manual_seed((s + _STEP_SEED_OFFSET) % 2**63) for s in req.seeds
@@ -306,7 +319,7 @@ class Pipeline:
             inputs.update(repaint=start.repaint, image_latents=start.image_latents)
         if start.unet_extra is not None:
             inputs["unet_extra"] = start.unet_extra
-        plan, guidance, rescale = start.plan, req.guidance, req.guidance_rescale
+        plan, guidance, rescale = start.plan, req.cfg_scale, req.guidance_rescale
 
         def loop(**buffers):
             def part(prefix):
@@ -359,16 +372,6 @@ def _skip_start(grid: Grid, strength: float) -> Grid:
     if first >= grid.steps:
         raise ValueError(f"strength {strength} with {grid.steps} steps leaves no step to run; raise either")
     return Grid(grid.alphas[first:], grid.sigmas[first:], grid.timesteps[first:], grid.init_scale, grid.kind)
-
-
-def guidance_embedding(guidance: float, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """Sinusoidal embedding of (guidance - 1) * 1000, as guidance-distilled LCM U-Nets were trained with."""
-    w = (guidance - 1.0) * 1000.0
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
-    emb = torch.cat([torch.sin(w * freqs), torch.cos(w * freqs)])
-    emb = torch.nn.functional.pad(emb, (0, dim % 2))
-    return emb[None].to(device=like.device, dtype=like.dtype)
 
 
 def __getattr__(name: str):

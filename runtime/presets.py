@@ -1,8 +1,11 @@
-"""Benchmark-shaped presets: the published architectures of SD 1.5, SD 2.1 and SDXL, and a tiny SD-shaped model.
+"""Benchmark-shaped presets: the published architectures of SD 1.5, SD 2.1, SDXL, SD3 Medium, SD3.5 Large,
+FLUX.1-dev and FLUX.1-schnell (T5-XXL included), and tiny models of the SD, SD3 and FLUX shapes for tests.
 
 Their weights are RANDOM (seeded): no weights can be downloaded here. They give the real compute and memory
-of those models for benchmarks and tests, not meaningful images. The tokenizer has CLIP's vocabulary size and
-77-token padding but splits text into bytes (see :func:`diffrt.text.character_clip_tokenizer`).
+of those models for benchmarks and tests, not meaningful images. The tokenizers have CLIP's (T5's)
+vocabulary size and padding but split text into bytes (see :mod:`diffrt.text`). Before any weight is
+allocated, the weights' size is worked out on the meta device and a preset that does not fit in the memory
+free on the device it is built on is refused, naming both numbers.
 """
 
 from __future__ import annotations
@@ -48,20 +51,54 @@ _SD15_UNET = dict(
 )
 
 
+_FLOW_VAE = dict(  # SD3's and FLUX.1's 16-channel VAE (scaling and shift factors differ per family)
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+               hidden_act="gelu", projection_dim=1280, max_position_embeddings=77, vocab_size=49408)  # fmt: skip
+_T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+               relative_attention_max_distance=128, t5=True)  # fmt: skip
+_SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+_SD3_VAE = {**_FLOW_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+_SD3_TEXT = [{**_CLIP_L, "with_projection": True}, {**_CLIP_G, "with_projection": True}, _T5_XXL]
+_SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)  # fmt: skip
+_FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                           max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+_FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+             axes_dims_rope=(16, 56, 56))  # fmt: skip
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                  hidden_act="quick_gelu", projection_dim=32, max_position_embeddings=77, vocab_size=1000,
+                  bos_token_id=998, eos_token_id=999, pad_token_id=999)  # fmt: skip
+_TINY_T5 = dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000,
+                feed_forward_proj="gated-gelu", t5=True)  # fmt: skip
+_TINY_FLOW_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                      up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[16, 16, 32, 32],
+                      layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
+                      use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Preset:
     """Configs of one model family member; ``build`` instantiates them with seeded random weights."""
 
     name: str
-    family: str  # "sd" or "sdxl"
-    unet: dict
+    family: str  # a key of diffrt.families
+    unet: dict | None
     vae: dict
-    text_encoders: list[dict]  # CLIPTextConfig kwargs; "with_projection": True for CLIPTextModelWithProjection
+    text_encoders: list[dict]  # CLIPTextConfig kwargs ("with_projection": True for CLIPTextModelWithProjection),
+    # or T5Config kwargs with "t5": True
     scheduler: dict
     vocab_size: int = 49408
     default_size: int = 512
     notes: str = ""
     defaults: dict | None = None  # sampling defaults beyond diffrt.defaults.BUILTIN
+    transformer: dict | None = None  # SD3Transformer2DModel / FluxTransformer2DModel kwargs (in place of unet)
 
 
 PRESETS = {
@@ -117,6 +154,51 @@ PRESETS = {
         notes="a tiny SD-shaped model (a few hundred thousand parameters) for tests, random weights",
         defaults={"steps": 4, "guidance": 5.0},
     ),
+    "sd3-medium": Preset(
+        "sd3-medium", "sd3", None, _SD3_VAE, _SD3_TEXT, _SD3_SCHEDULER, default_size=1024,
+        defaults={"steps": 28, "sampler": "euler", "guidance": 7.0}, transformer=_SD3_MEDIUM,
+        notes="Stable Diffusion 3 Medium architecture (MMDiT 2B, CLIP-L + CLIP-G + T5-XXL), random weights",
+    ),
+    "sd35-large": Preset(
+        "sd35-large", "sd3", None, _SD3_VAE, _SD3_TEXT, _SD3_SCHEDULER, default_size=1024,
+        defaults={"steps": 28, "sampler": "euler", "guidance": 3.5},
+        transformer={**_SD3_MEDIUM, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+                     "qk_norm": "rms_norm"},
+        notes="Stable Diffusion 3.5 Large architecture (MMDiT 8B with q/k RMSNorm, CLIP-L + CLIP-G + T5-XXL), "
+              "random weights",
+    ),
+    "flux-dev": Preset(
+        "flux-dev", "flux", None, {**_FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        [_CLIP_L, _T5_XXL], _FLUX_DEV_SCHEDULER, default_size=1024, transformer=_FLUX,
+        defaults={"steps": 28, "sampler": "euler", "guidance": 3.5, "max_sequence_length": 512},
+        notes="FLUX.1-dev architecture (12B transformer with guidance embedding, CLIP-L + T5-XXL), random weights",
+    ),
+    "flux-schnell": Preset(
+        "flux-schnell", "flux", None, {**_FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        [_CLIP_L, _T5_XXL], dict(num_train_timesteps=1000, shift=1.0), default_size=1024,
+        transformer={**_FLUX, "guidance_embeds": False},
+        defaults={"steps": 4, "sampler": "euler", "guidance": 1.0, "max_sequence_length": 256},
+        notes="FLUX.1-schnell architecture (12B timestep-distilled transformer, CLIP-L + T5-XXL), random weights",
+    ),
+    "tiny-sd3": Preset(
+        "tiny-sd3", "sd3", None, {**_TINY_FLOW_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+        [{**_TINY_TEXT, "with_projection": True}, {**_TINY_TEXT, "with_projection": True}, _TINY_T5],
+        _SD3_SCHEDULER, vocab_size=1000, default_size=64,
+        transformer=dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                         pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16),
+        defaults={"steps": 4, "sampler": "euler", "guidance": 5.0},
+        notes="a tiny SD3-shaped model for tests, random weights",
+    ),
+    "tiny-flux": Preset(
+        "tiny-flux", "flux", None, {**_TINY_FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        [_TINY_TEXT, _TINY_T5], _FLUX_DEV_SCHEDULER, vocab_size=1000, default_size=64,
+        transformer=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                         guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+        defaults={"steps": 4, "sampler": "euler", "guidance": 3.5, "max_sequence_length": 32, "size": 64},
+        notes="a tiny FLUX.1-dev-shaped model (guidance embedding) for tests, random weights",
+    ),
 }  # fmt: skip
 
 
@@ -124,44 +206,126 @@ def names() -> list[str]:
     return sorted(PRESETS)
 
 
-def build_modules(preset: Preset, seed: int = 0):
-    """Instantiate (unet, vae, text_encoders, tokenizers, scheduler) with seeded random weights.
+def _text_model(cfg: dict):
+    """A random text encoder and its tokenizer from a preset's config: CLIP (with or without projection) or T5."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from .text import character_clip_tokenizer, character_t5_tokenizer
+
+    cfg = dict(cfg)
+    if cfg.pop("t5", False):
+        return T5EncoderModel(T5Config(**cfg)).eval(), character_t5_tokenizer(cfg["vocab_size"])
+    model_class = CLIPTextModelWithProjection if cfg.pop("with_projection", False) else CLIPTextModel
+    tokenizer = character_clip_tokenizer(cfg["vocab_size"], cfg["max_position_embeddings"])
+    return model_class(CLIPTextConfig(**cfg)).eval(), tokenizer
+
+
+def _denoiser(preset: Preset):
+    import diffusers
+
+    if preset.unet is not None:
+        return diffusers.UNet2DConditionModel(**preset.unet)
+    model_class = diffusers.SD3Transformer2DModel if preset.family == "sd3" else diffusers.FluxTransformer2DModel
+    return model_class(**preset.transformer)
+
+
+def _modules(preset: Preset):
+    import diffusers
+
+    encoders = [_text_model(cfg)[0] for cfg in preset.text_encoders]
+    return [_denoiser(preset), diffusers.AutoencoderKL(**preset.vae), *encoders]
+
+
+def weight_bytes(preset: Preset, dtype=None) -> dict[str, int]:
+    """Bytes of each module's weights in ``dtype`` (default float32), counted on the meta device: nothing is
+    allocated."""
+    import torch
+
+    itemsize = (dtype or torch.float32).itemsize
+    with torch.device("meta"):
+        modules = _modules(preset)
+    encoders = [f"text_encoder_{k + 1}" if k else "text_encoder" for k in range(len(preset.text_encoders))]
+    labels = ["transformer" if preset.unet is None else "unet", "vae", *encoders]
+    return {label: sum(p.numel() for p in m.parameters()) * itemsize for label, m in zip(labels, modules, strict=True)}
+
+
+def check_fits(preset: Preset, dtype, device, free: int | None = None):
+    """The dtype to build the weights in, after refusing (before allocating) a preset whose weights need more
+    memory than ``device`` has free (``free``: that number in bytes, when the caller knows it).
+
+    Weights are built in float32 and cast, so a preset has the same weights in every dtype; only where the
+    float32 weights would not fit but the asked dtype's do (FLUX.1-dev in bfloat16 on a 40 GB GPU) are they
+    built in that dtype directly, with a log line: those random weights differ from the float32 build's."""
+    import torch
+
+    from . import memory
+
+    dtype = dtype or torch.float32
+    sizes = weight_bytes(preset, dtype)
+    need = sum(sizes.values())
+    full = sum(weight_bytes(preset, torch.float32).values())
+    if full <= memory.CHECK_ABOVE:
+        return torch.float32
+    free, where = (free, "free") if free is not None else memory.available_bytes(torch.device(device))
+    if full <= free:
+        return torch.float32
+    if need <= free:
+        log.info("preset %r: built directly in %s (float32 would need %.1f GB, %.1f GB is %s); its random weights "
+                 "differ from the float32 build's", preset.name, dtype, full / 1e9, free / 1e9, where)  # fmt: skip
+        return dtype
+    parts = ", ".join(f"{label} {size / 1e9:.1f} GB" for label, size in sizes.items())
+    name = str(dtype).removeprefix("torch.")
+    raise ValueError(f"preset {preset.name!r} in {name} needs {need / 1e9:.1f} GB for its weights ({parts}), "
+                     f"but only {free / 1e9:.1f} GB is {where}: use a smaller dtype, a device with more memory "
+                     "or a smaller preset")  # fmt: skip
+
+
+def build_modules(preset: Preset, seed: int = 0, device=None, dtype=None):
+    """Instantiate (denoiser, vae, text_encoders, tokenizers, scheduler) with seeded random weights, on
+    ``device`` (default the CPU), built in ``dtype`` (default float32; see :func:`check_fits`).
 
     The weights come from torch's default generator seeded with ``seed`` inside ``torch.random.fork_rng``:
-    the caller's global random state is the same afterwards as before."""
+    the caller's global random state is the same afterwards as before (on another device the numbers differ
+    from the CPU's, but are as reproducible)."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .text import character_clip_tokenizer
-
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device or "cpu")
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        unet = diffusers.UNet2DConditionModel(**preset.unet)
-        vae = diffusers.AutoencoderKL(**preset.vae)
-        encoders, tokenizers = [], []
-        for cfg in preset.text_encoders:
-            cfg = dict(cfg)
-            model_class = CLIPTextModelWithProjection if cfg.pop("with_projection", False) else CLIPTextModel
-            encoders.append(model_class(CLIPTextConfig(**cfg)).eval())
-            tokenizers.append(character_clip_tokenizer(cfg["vocab_size"], cfg["max_position_embeddings"]))
-    scheduler = diffusers.DDIMScheduler(**preset.scheduler, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return unet.eval(), vae.eval(), encoders, tokenizers, scheduler
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        try:
+            denoiser = _denoiser(preset)
+            vae = diffusers.AutoencoderKL(**preset.vae)
+            encoders, tokenizers = zip(*(_text_model(cfg) for cfg in preset.text_encoders), strict=True)
+        finally:
+            torch.set_default_dtype(previous)
+    if preset.unet is None:
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler)
+    else:
+        scheduler = diffusers.DDIMScheduler(**preset.scheduler, clip_sample=False, set_alpha_to_one=False,
+                                            steps_offset=1)  # fmt: skip
+    return denoiser.eval(), vae.eval(), list(encoders), list(tokenizers), scheduler
 
 
-def load(preset: str | Preset, dtype=None) -> Components:
+def load(preset: str | Preset, dtype=None, device=None) -> Components:
     """A preset (by name, or a :class:`Preset` of one's own) as Components with seeded RANDOM weights (in
-    ``dtype`` when given)."""
+    ``dtype`` when given), built on ``device`` (default the CPU) after checking that they fit there."""
     from . import defaults
 
     if not isinstance(preset, Preset):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(names())}")
         preset = PRESETS[preset]
+    build_dtype = check_fits(preset, dtype, device or "cpu")
     log.warning("preset %r: %s", preset.name, preset.notes)
-    unet, vae, encoders, tokenizers, scheduler = build_modules(preset)
-    if dtype is not None and dtype != unet.dtype:
-        for module in (unet, vae, *encoders):
+    denoiser, vae, encoders, tokenizers, scheduler = build_modules(preset, device=device, dtype=build_dtype)
+    if dtype is not None and dtype != denoiser.dtype:
+        for module in (denoiser, vae, *encoders):
             module.to(dtype)
+    unet, transformer = (denoiser, None) if preset.unet is not None else (None, denoiser)
     return Components(preset.name, preset.family, unet, vae, encoders, tokenizers, scheduler, random_weights=True,
-                      defaults=defaults.merged(preset.defaults))  # fmt: skip
+                      defaults=defaults.merged(preset.defaults),
+                      transformer=transformer)  # fmt: skip

@@ -37,6 +37,9 @@ class Rules:
     default_size: int
     inpainting_unet: bool  # a 9-channel U-Net needs image= and mask_image=
     max_steps: int | None = None  # consistency models: the steps of the schedule they were distilled on
+    guidance_distilled: bool = False  # guidance= is an input of the model (FLUX.1-dev): true_cfg= adds CFG
+    max_sequence_length: int | None = None  # the T5 families: the most text tokens a call may ask for
+    max_size: int | None = None  # the largest side the model's position embedding covers (SD3)
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,19 @@ class Request:
     scheduler: object
     progress: bool
     overlay: bool
+    true_cfg: float = 1.0  # guidance-distilled models: classifier-free guidance on top (1 = off)
+    max_sequence_length: int | None = None  # T5 tokens (None: the family's default)
+    guidance_distilled: bool = False
+
+    @property
+    def cfg_scale(self) -> float:
+        """The classifier-free guidance scale: ``guidance``, or ``true_cfg`` where guidance is a model input."""
+        return self.true_cfg if self.guidance_distilled else self.guidance
 
     @property
     def guidance_on(self) -> bool:
-        """Guidance 0 or 1 runs the conditional U-Net pass only."""
-        return self.guidance not in (0.0, 1.0)
+        """Classifier-free guidance at 0 or 1 runs the conditional pass only."""
+        return self.cfg_scale not in (0.0, 1.0)
 
 
 def build(
@@ -73,7 +84,8 @@ def build(
     guidance: float | None = None, guidance_rescale: float = 0.0, seed=None, num_images: int | None = None,
     height: int | None = None, width: int | None = None, output_type: str = "pil", image=None,
     strength: float | None = None, mask_image=None, overlay: bool = True, spacing: str = "trailing",
-    scheduler=None, progress: bool | None = None, **sampler_options,
+    scheduler=None, progress: bool | None = None, true_cfg: float = 1.0, max_sequence_length: int | None = None,
+    **sampler_options,
 ) -> Request:  # fmt: skip
     """Check a call's arguments and fill in the model's defaults.
 
@@ -87,6 +99,10 @@ def build(
     (the decoder would otherwise alter them slightly: its receptive field spans the whole image).
     ``output_type``: "pil", "np" or "pt" (images in [0, 1]) or "latent". ``sampler_options`` (eta=, order=,
     ...) go to the sampler. ``progress``: a progress bar (default: when stderr is a terminal).
+    ``true_cfg``: for guidance-distilled models (FLUX.1-dev, whose ``guidance`` is an input of the model),
+    classifier-free guidance on top with the negative prompt (empty by default); 1 = off.
+    ``max_sequence_length``: T5 tokens for the transformer families (longer prompts are truncated, with a
+    warning; default the family's: 256 for SD3, 512 for FLUX.1).
     """
     prompts = _prompt_list(prompt, num_images, "prompt")
     n = len(prompts)
@@ -115,10 +131,13 @@ def build(
         strength = _check_strength(strength, steps, mask is not None)
     height, width = height or rules.default_size, width or rules.default_size
     _check_sampler_options(scheduler, sampler, steps, sampler_options)
+    _check_true_cfg(true_cfg, rules)
+    _check_sequence(max_sequence_length, rules)
     return Request(
         prompts, negatives, seeds, steps, sampler, sampler_options, float(guidance), float(guidance_rescale),
         height, width, output_type, picture, float(strength or 1.0), mask, spacing, scheduler,
-        sys.stderr.isatty() if progress is None else progress, bool(overlay),
+        sys.stderr.isatty() if progress is None else progress, bool(overlay), float(true_cfg), max_sequence_length,
+        rules.guidance_distilled,
     )  # fmt: skip
 
 
@@ -155,6 +174,25 @@ def _check_guidance(guidance) -> None:
         log.warning("guidance %g is far above the usual 1-15: expect saturated images", guidance)
 
 
+def _check_true_cfg(true_cfg, rules: Rules) -> None:
+    if not _is_number(true_cfg) or not 1 <= true_cfg <= MAX_GUIDANCE:
+        raise ValueError(f"true_cfg must be a number in [1, {MAX_GUIDANCE:g}] (1 = off), got {true_cfg!r}")
+    if true_cfg != 1 and not rules.guidance_distilled:
+        raise ValueError("true_cfg applies to guidance-distilled models (FLUX.1-dev); for this model guidance= is "
+                         "the classifier-free guidance scale itself")  # fmt: skip
+
+
+def _check_sequence(length, rules: Rules) -> None:
+    if length is None:
+        return
+    if rules.max_sequence_length is None:
+        raise ValueError("max_sequence_length applies to models with a T5 text encoder (SD3, FLUX.1); this model's "
+                         "prompts are padded to its tokenizer's length")  # fmt: skip
+    if not _is_int(length) or not 1 <= length <= rules.max_sequence_length:
+        raise ValueError(f"max_sequence_length must be an integer in [1, {rules.max_sequence_length}], "
+                         f"got {length!r}")  # fmt: skip
+
+
 def _check_size(name: str, value, rules: Rules) -> int | None:
     """None (the model's default, or the picture's size) or a multiple of the VAE factor, at least min_size."""
     if value is None:
@@ -162,6 +200,9 @@ def _check_size(name: str, value, rules: Rules) -> int | None:
     if not _is_int(value) or value % rules.size_step or value < rules.min_size:
         raise ValueError(f"{name} must be a multiple of {rules.size_step} and at least {rules.min_size}, "
                          f"got {value!r}")  # fmt: skip
+    if rules.max_size is not None and value > rules.max_size:
+        raise ValueError(f"{name} must be at most {rules.max_size} (what this model's position embedding covers), "
+                         f"got {value}")  # fmt: skip
     return value
 
 

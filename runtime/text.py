@@ -43,6 +43,24 @@ def character_clip_tokenizer(vocab_size: int = CLIP_VOCAB_SIZE, max_length: int 
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+T5_VOCAB_SIZE = 32128  # T5 v1.1's embedding rows (32,100 pieces + 28 padding rows)
+
+
+def character_t5_tokenizer(vocab_size: int = T5_VOCAB_SIZE, max_length: int = 512):
+    """A real ``T5Tokenizer`` (Unigram, T5's special tokens: pad 0, eos 1, unk 2; an EOS after each prompt)
+    whose pieces are single characters, for the presets' T5 encoders: T5's sentencepiece model cannot be
+    fetched here, and the encoder's shapes and compute do not depend on the split."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(symbol, -2.0) for symbol in _byte_symbols()]
+    pieces += [("\u2581" + symbol, -1.5) for symbol in _byte_symbols()[:94]]  # word-initial printable ASCII
+    if vocab_size < len(pieces):
+        raise ValueError(f"vocab_size must be >= {len(pieces)}, got {vocab_size}")
+    pieces += [(f"<unused{i}>", -100.0) for i in range(len(pieces), vocab_size)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None, warn: bool = True) -> torch.Tensor:
     """Token ids padded to the encoder's length; longer prompts are truncated, with one warning for the call
     however many images share the prompt (``warn=False``: none, e.g. for a model's second tokenizer)."""

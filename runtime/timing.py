@@ -40,8 +40,8 @@ class StageTimes:
         if not calls:
             return "one CUDA graph"
         if len(calls) <= LISTED_CALLS:
-            return f"{len(calls)} U-Net calls: " + ", ".join(f"{t:.1f}" for t in calls)
-        return (f"{len(calls)} U-Net calls: median {statistics.median(calls):.1f} ms, "
+            return f"{len(calls)} model calls: " + ", ".join(f"{t:.1f}" for t in calls)
+        return (f"{len(calls)} model calls: median {statistics.median(calls):.1f} ms, "
                 f"min {min(calls):.1f}, max {max(calls):.1f}")  # fmt: skip
 
 

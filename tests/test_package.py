@@ -58,7 +58,8 @@ def test_earlier_tables_are_read_off_the_families():
 
     assert loading.FAMILIES["StableDiffusionXLInpaintPipeline"] == "sdxl"
     assert loading.FAMILIES["LatentConsistencyModelPipeline"] == "sd"
-    assert loading.TEXT_ENCODER_CLASSES == ("CLIPTextModel", "CLIPTextModelWithProjection", "BertModel")
+    assert loading.TEXT_ENCODER_CLASSES == ("CLIPTextModel", "CLIPTextModelWithProjection", "BertModel",
+                                            "T5EncoderModel")
 
 
 def test_names_moved_above_their_old_layer_say_where_they_went():

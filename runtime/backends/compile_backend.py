@@ -15,7 +15,7 @@ from .base import check_options
 from .torch_backend import TorchBackend
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-COMPILED_GRAPHS = ("unet", "vae_decoder")
+COMPILED_GRAPHS = ("unet", "vae_decoder")  # the denoiser (the family's: unet or transformer) and the decoder
 OPTIONS = ("mode", "dynamic")
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ class CompileBackend(TorchBackend):
             raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
         super().__init__(components, device, dtype)
         self.mode, self.dynamic = mode, dynamic
-        self.compiled = {name: self._compile(name) for name in COMPILED_GRAPHS}
+        compiled = (self.family.denoiser_part, "vae_decoder")
+        self.compiled = {name: self._compile(name) for name in compiled}
         self._compiled_for: set[tuple] = set()  # (graph, dtype, first input's shape) already compiled
 
     def _compile(self, graph: str):

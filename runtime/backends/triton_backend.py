@@ -34,8 +34,10 @@ class TritonBackend(TorchBackend):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton backend on the CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
         super().__init__(components, device, dtype)
-        self.patches = [patcher(components.unet), patcher(components.vae)]
-        for module in (components.unet, components.vae):
+        # the U-Net's kernels (GroupNorm+SiLU, attention); a transformer runs unpatched, its VAE patched
+        convolutional = [m for m in (components.unet, components.vae) if m is not None]
+        self.patches = [patcher(module) for module in convolutional]
+        for module in convolutional:
             module.to(memory_format=torch.channels_last)
         if capture_loop and device.type == "cuda":
             self.loop_capture = LoopGraphCache(max_graphs)

@@ -1,4 +1,5 @@
-"""Model families: one module each (``sd`` for SD 1.x/2.x, ``sdxl``) says what is specific to it.
+"""Model families: one module each (``sd`` for SD 1.x/2.x, ``sdxl``, ``sd3``, ``flux``) says what is specific
+to it (the transformer families share ``dit``).
 
 A family knows its graphs (spec + the torch module computing it), how prompts become conditioning, how latents
 are shaped, which diffusers pipeline classes it loads and how its folders are written. The pipeline,
@@ -8,10 +9,12 @@ backends, export and loading ask the family; adding one = adding its module and 
 from __future__ import annotations
 
 from .base import UNetFamily
+from .flux import FLUX
 from .sd import SD
+from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES: dict[str, UNetFamily] = {family.name: family for family in (SD, SDXL)}
+FAMILIES: dict[str, UNetFamily] = {family.name: family for family in (SD, SDXL, SD3, FLUX)}
 
 
 def get(name: str) -> UNetFamily:

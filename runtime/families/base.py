@@ -8,6 +8,7 @@ keywords and return the spec's outputs in order (a tensor, or a tuple for severa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,17 +20,23 @@ from ..text import tokenize
 VAE_GRAPHS = ("vae_encoder", "vae_decoder")
 
 
-class TextEncoderGraph(nn.Module):
-    """input_ids [B, L] -> hidden [B, L, D] (the last or the penultimate layer's), + pooled [B, P] when projected."""
+POOLED_OUTPUTS = ("text_embeds", "pooler_output")  # CLIP's projected embedding (SDXL, SD3), its pooled token (FLUX)
 
-    def __init__(self, encoder, penultimate: bool, pooled: bool):
+
+class TextEncoderGraph(nn.Module):
+    """input_ids [B, L] -> hidden [B, L, D] (the last or the penultimate layer's), + pooled [B, P] when the
+    family reads one (``pooled``: the output's attribute, one of POOLED_OUTPUTS)."""
+
+    def __init__(self, encoder, penultimate: bool, pooled: str | None):
         super().__init__()
+        if pooled not in (None, *POOLED_OUTPUTS):
+            raise ValueError(f"pooled must be None or one of {POOLED_OUTPUTS}, got {pooled!r}")
         self.encoder, self.penultimate, self.pooled = encoder, penultimate, pooled
 
     def forward(self, input_ids):
         out = self.encoder(input_ids=input_ids, output_hidden_states=self.penultimate)
         hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
-        return (hidden, out.text_embeds) if self.pooled else hidden
+        return (hidden, getattr(out, self.pooled)) if self.pooled else hidden
 
 
 class UNetGraph(nn.Module):
@@ -81,6 +88,13 @@ class UNetFamily:
     text_encoder_parts: tuple[str, ...]  # folder names of the text encoders, in conditioning order
     index_extras: dict  # other model_index.json entries that pipeline class expects
     penultimate_hidden: bool = False  # condition on the penultimate layer's hidden states (SDXL)
+    denoiser_part: str = "unet"  # the denoiser's folder and graph name
+    denoiser_classes: tuple[str, ...] = ("UNet2DConditionModel",)
+    optional_parts: tuple[str, ...] = ()  # text encoders a folder may leave out (SD3's T5)
+    onnx_exporter: str = "torchscript"  # torch.onnx's exporter that keeps this family's graphs dynamic
+
+    def check_components(self, components, where) -> None:
+        """A clear error for parts that load but do not fit together (checked once, at load)."""
     text_encoder_classes: tuple[str, ...] = ("CLIPTextModel", "CLIPTextModelWithProjection", "BertModel")
 
     # ------------------------------------------------------------------------------------------ graphs
@@ -88,15 +102,21 @@ class UNetFamily:
         return ["text_encoder" if k == 0 else f"text_encoder_{k + 1}" for k in range(len(components.text_encoders))]
 
     def graph_names(self, components) -> list[str]:
-        return [*self.text_graphs(components), "unet", *VAE_GRAPHS]
+        return [*self.text_graphs(components), self.denoiser_part, *VAE_GRAPHS]
 
     def graph_specs(self, components) -> dict[str, GraphSpec]:
-        specs = {name: _text_encoder_spec(name, encoder)
+        specs = {name: text_encoder_spec(name, encoder, self.text_outputs(encoder)[1])
                  for name, encoder in zip(self.text_graphs(components), components.text_encoders, strict=True)}
-        specs["unet"] = GraphSpec("unet", tuple(self.unet_inputs(components)), (self._unet_output(components),),
-                                  multiples=dict.fromkeys(("height", "width"), self.size_multiple(components)))
+        specs[self.denoiser_part] = GraphSpec(
+            self.denoiser_part, tuple(self.unet_inputs(components)), (self._unet_output(components),),
+            multiples=dict.fromkeys(("height", "width"), self.size_multiple(components)))
         specs.update(_vae_specs(components))
         return specs  # fmt: skip
+
+    def text_outputs(self, encoder) -> tuple[bool, str | None]:
+        """What a text encoder's graph returns: (penultimate hidden states?, which pooled output or None)."""
+        pooled = "text_embeds" if type(encoder).__name__.endswith("WithProjection") else None
+        return self.penultimate_hidden, pooled
 
     def unet_inputs(self, components) -> list[TensorSpec]:
         cfg = components.unet.config
@@ -122,18 +142,20 @@ class UNetFamily:
         """The diffusers/transformers module behind graph ``name``."""
         if name in VAE_GRAPHS:
             return components.vae
-        if name == "unet":
-            return components.unet
+        if name == self.denoiser_part:
+            return components.denoiser
         return components.text_encoders[self.text_graphs(components).index(name)]
 
     def wrap_graph(self, components, name: str, module: nn.Module) -> nn.Module:
         """The graph module of ``name`` around ``module`` (its source, or a converted copy of it)."""
-        if name == "unet":
-            return UNetGraph(module).eval()
+        if name == self.denoiser_part:
+            return self.denoiser_graph(module).eval()
         if name in VAE_GRAPHS:
             return (VaeEncoderGraph if name == "vae_encoder" else VaeDecoderGraph)(module).eval()
-        pooled = type(module).__name__.endswith("WithProjection")
-        return TextEncoderGraph(module, self.penultimate_hidden, pooled).eval()
+        return TextEncoderGraph(module, *self.text_outputs(module)).eval()
+
+    def denoiser_graph(self, module) -> nn.Module:
+        return UNetGraph(module)
 
     def graph_module(self, components, name: str) -> nn.Module:
         if name not in self.graph_names(components):
@@ -146,6 +168,14 @@ class UNetFamily:
         pads other sizes with Python control flow that a traced graph would freeze)."""
         return components.vae_scale_factor * 2 ** (len(components.unet.config.block_out_channels) - 1)
 
+    def max_size(self, components) -> int | None:
+        """The largest height or width the denoiser can run at (None: no fixed bound)."""
+        return None
+
+    def size_step(self, components) -> int:
+        """Heights and widths are multiples of this (the VAE's factor; at least ``size_multiple`` too)."""
+        return components.vae_scale_factor
+
     def default_size(self, components) -> int:
         return components.unet.config.sample_size * components.vae_scale_factor
 
@@ -156,35 +186,83 @@ class UNetFamily:
     def sequence_length(self, components) -> int:
         return int(components.tokenizers[0].model_max_length)
 
-    # ------------------------------------------------------------------------------------ conditioning
-    def run_text_encoders(self, run, components, prompts: list[str], device) -> list[dict]:
-        """Each text encoder's outputs for ``prompts``; ``run(graph, **inputs)`` runs a graph."""
-        graphs = zip(self.text_graphs(components), components.tokenizers, strict=True)
-        return [run(graph, input_ids=tokenize(tokenizer, prompts, warn=k == 0).to(device))
-                for k, (graph, tokenizer) in enumerate(graphs)]  # fmt: skip
+    def denoiser_tokens(self, components, height: int, width: int) -> tuple[int, int] | None:
+        """A transformer's (image, text) token counts at this size, for the memory estimate; None: a U-Net."""
+        return None
 
-    def encode(self, run, components, prompts: list[str], height: int, width: int, device) -> dict:
-        """The U-Net's conditioning inputs for ``prompts``."""
+    def max_sequence_length(self, components) -> int | None:
+        """The longest text sequence a call may ask for (``max_sequence_length=``); None: not settable."""
+        return None
+
+    # ------------------------------------------------------------------------------------ conditioning
+    def run_text_encoders(self, run, components, prompts: list[str], device, lengths=None) -> list[dict]:
+        """Each text encoder's outputs for ``prompts``; ``run(graph, **inputs)`` runs a graph. ``lengths``:
+        per encoder, the padded token count (None: its tokenizer's) and whether to warn on truncation."""
+        lengths = lengths or [(None, k == 0) for k in range(len(components.tokenizers))]
+        graphs = zip(self.text_graphs(components), components.tokenizers, lengths, strict=True)
+        return [run(graph, input_ids=tokenize(tokenizer, prompts, length, warn=warn).to(device))
+                for graph, tokenizer, (length, warn) in graphs]  # fmt: skip
+
+    def encode(self, run, components, prompts: list[str], height: int, width: int, device,
+               max_sequence_length: int | None = None) -> dict:  # fmt: skip
+        """The denoiser's conditioning inputs for ``prompts``."""
         outputs = self.run_text_encoders(run, components, prompts, device)
         return {"encoder_hidden_states": torch.cat([out["hidden"] for out in outputs], dim=-1)}  # fmt: skip
 
     def unconditional(self, run, components, negatives: list[str] | None, cond: dict, height: int, width: int,
-                      device) -> dict:  # fmt: skip
+                      device, max_sequence_length: int | None = None) -> dict:  # fmt: skip
         """The unconditional branch of classifier-free guidance: the negative prompts, else empty ones."""
         n = cond["encoder_hidden_states"].shape[0]
-        return self.encode(run, components, negatives or [""] * n, height, width, device)
+        return self.encode(run, components, negatives or [""] * n, height, width, device, max_sequence_length)
+
+    def guidance_distilled(self, components) -> bool:
+        """Whether the model takes its guidance scale as an input (see ``embedded_guidance``)."""
+        return bool(components.guidance_embedding_dim)
+
+    def embedded_guidance(self, components, guidance: float, batch: int, like: torch.Tensor) -> dict | None:
+        """Inputs that give a guidance-distilled model its scale (one pass, no classifier-free guidance), or
+        None when the model has none. Here: the sinusoidal ``timestep_cond`` of guidance-embedded LCM U-Nets."""
+        dim = components.guidance_embedding_dim
+        if not dim:
+            return None
+        return {"timestep_cond": guidance_embedding(guidance, dim, like).expand(batch, -1)}
+
+    # ---------------------------------------------------------------------------------------- sampling
+    def timestep_options(self, components, scheduler, steps: int, height: int, width: int) -> dict:
+        """Keywords the family's pipeline gives ``scheduler.set_timesteps`` beyond the step count (FLUX's
+        custom sigmas, the resolution shift ``mu``); the U-Net families give none."""
+        return {}
+
+    def uses_scheduler_grid(self, components) -> bool:
+        """Whether the model samples on its scheduler's own timesteps (through ``from_diffusers``) rather than
+        on diffrt's grid builders: consistency models, and the transformer families' shifted flow grids."""
+        return components.is_consistency
 
 
-def _text_encoder_spec(name: str, encoder) -> GraphSpec:
+def guidance_embedding(guidance: float, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal embedding of (guidance - 1) * 1000, as guidance-distilled LCM U-Nets were trained with."""
+    w = (guidance - 1.0) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = torch.cat([torch.sin(w * freqs), torch.cos(w * freqs)])
+    emb = torch.nn.functional.pad(emb, (0, dim % 2))
+    return emb[None].to(device=like.device, dtype=like.dtype)
+
+
+T5_MAX_SEQUENCE = 512  # T5 has relative positions: no table caps it; FLUX.1 and SD3 use at most 512 tokens
+
+
+def text_encoder_spec(name: str, encoder, pooled: str | None) -> GraphSpec:
     cfg = encoder.config
     outputs = [TensorSpec("hidden", (Dim("batch"), Dim("sequence"), cfg.hidden_size))]
-    if type(encoder).__name__.endswith("WithProjection"):
-        outputs.append(TensorSpec("pooled", (Dim("batch"), cfg.projection_dim)))
+    if pooled is not None:
+        width = cfg.projection_dim if pooled == "text_embeds" else cfg.hidden_size
+        outputs.append(TensorSpec("pooled", (Dim("batch"), width)))
     return GraphSpec(
         name,
         (TensorSpec("input_ids", (Dim("batch"), Dim("sequence")), "int64", 0, cfg.vocab_size),),
         tuple(outputs),
-        limits={"sequence": (1, cfg.max_position_embeddings)},
+        limits={"sequence": (1, getattr(cfg, "max_position_embeddings", None) or T5_MAX_SEQUENCE)},
     )
 
 

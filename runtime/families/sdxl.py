@@ -21,7 +21,7 @@ class SDXLFamily(UNetFamily):
         inputs = super().unet_inputs(components)
         return inputs[:3] + added + inputs[3:]
 
-    def encode(self, run, components, prompts, height, width, device) -> dict:
+    def encode(self, run, components, prompts, height, width, device, max_sequence_length=None) -> dict:
         outputs = self.run_text_encoders(run, components, prompts, device)
         pooled = [out["pooled"] for out in outputs if "pooled" in out][-1]  # the projected (second) encoder's
         # size/crop conditioning: original size, crop top-left, target size
@@ -32,7 +32,7 @@ class SDXLFamily(UNetFamily):
             "time_ids": size.to(pooled.dtype).expand(len(prompts), 6),
         }
 
-    def unconditional(self, run, components, negatives, cond, height, width, device) -> dict:
+    def unconditional(self, run, components, negatives, cond, height, width, device, max_sequence_length=None) -> dict:
         if negatives is None:
             # SDXL was trained with zeroed embeddings for empty prompts (force_zeros_for_empty_prompt)
             return {k: torch.zeros_like(v) if k != "time_ids" else v for k, v in cond.items()}

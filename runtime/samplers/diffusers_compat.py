@@ -6,6 +6,8 @@ option diffusers offers is honoured exactly; the sampler and options carry the u
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..schedules import Grid
@@ -23,12 +25,39 @@ def _require(scheduler, option: str, allowed: tuple) -> None:
         _reject(scheduler, option, value, " or ".join(repr(a) for a in allowed))
 
 
-def _fresh(scheduler, n: int):
+def _fresh(scheduler, n: int, mu=None, sigmas=None):
+    """A copy of ``scheduler`` with its timesteps set for ``n`` steps; ``mu`` (the resolution shift) goes to
+    schedulers with dynamic shifting, ``sigmas`` (custom sigmas before the shift) to those that take them."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"number of steps must be an integer >= 1, got {n!r}")
     copy = type(scheduler).from_config(scheduler.config)
-    copy.set_timesteps(n)
+    accepts = inspect.signature(copy.set_timesteps).parameters
+    options = {}
+    if copy.config.get("use_dynamic_shifting"):
+        if mu is None:
+            raise ValueError(f"{type(scheduler).__name__} with use_dynamic_shifting=True needs mu= (the resolution "
+                             "shift; diffrt's pipeline computes it from the image's token count)")  # fmt: skip
+        options["mu"] = float(mu)
+    if sigmas is not None and "sigmas" in accepts:
+        options["sigmas"] = [float(s) for s in sigmas]
+    copy.set_timesteps(n, **options)
     return copy
+
+
+def _flow_grid(sched, timesteps: torch.Tensor) -> Grid:
+    """Grid of a scheduler whose sigmas are flow times (alpha = 1 - sigma): flow matching, ``use_flow_sigmas``."""
+    sigmas = sched.sigmas.to(torch.float64)
+    t = torch.cat([timesteps.to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+    return Grid(alphas=1 - sigmas, sigmas=sigmas, timesteps=t, init_scale=1.0, kind="flow")
+
+
+def _solver_grid(sched) -> Grid:
+    """The DPM-Solver / UniPC grid: VP levels from k-diffusion sigmas, or flow levels with ``use_flow_sigmas``."""
+    if sched.config.get("use_flow_sigmas"):
+        _require(sched, "prediction_type", ("flow_prediction",))
+        _require(sched, "final_sigmas_type", ("zero",))
+        return _flow_grid(sched, sched.timesteps)
+    return _sigma_grid(sched, sched.sigmas, sched.timesteps, scaled_state=False)
 
 
 def _vp_from_ve(ve_sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +140,7 @@ def _dpm_multistep(sched):
     _require(sched, "solver_order", (2, 1, 3))
     sde = sched.config.algorithm_type == "sde-dpmsolver++"
     order = sched.config.solver_order
-    grid = _sigma_grid(sched, sched.sigmas, sched.timesteps, scaled_state=False)
+    grid = _solver_grid(sched)
     steps = {"lower_order_final": sched.config.lower_order_final, "euler_at_final": sched.config.euler_at_final}
     if order == 1:  # first-order DPM-Solver++ is DDIM; its SDE form is the DDPM posterior step
         return ("ddpm", grid, {"noise_dtype": torch.float32}) if sde else ("euler", grid, {})
@@ -127,7 +156,7 @@ def _dpm_singlestep(sched):
     _common_vp_checks(sched)
     _require(sched, "algorithm_type", ("dpmsolver++",))
     _require(sched, "solver_order", (2, 1))
-    grid = _sigma_grid(sched, sched.sigmas, sched.timesteps, scaled_state=False)
+    grid = _solver_grid(sched)
     if sched.config.solver_order == 1:
         return "euler", grid, {}
     options = {"solver_type": sched.config.solver_type, "lower_order_final": sched.config.lower_order_final}
@@ -140,7 +169,7 @@ def _unipc(sched):
     _require(sched, "solver_p", (None,))
     _require(sched, "solver_type", ("bh2", "bh1"))
     _require(sched, "solver_order", (2, 1, 3))
-    grid = _sigma_grid(sched, sched.sigmas, sched.timesteps, scaled_state=False)
+    grid = _solver_grid(sched)
     options = {
         "variant": sched.config.solver_type,
         "order": sched.config.solver_order,
@@ -157,12 +186,11 @@ def _lcm(sched):
 
 
 def _flow_euler(sched):
+    # shift, dynamic shifting (exponential or linear), shift_terminal and karras/exponential/beta sigmas are
+    # all in the sigmas set_timesteps computed; what changes the update rule itself is refused
     _require(sched, "stochastic_sampling", (False,))
     _require(sched, "invert_sigmas", (False,))
-    _require(sched, "use_dynamic_shifting", (False,))
-    sigmas = sched.sigmas.to(torch.float64)
-    t = torch.cat([sched.timesteps.to(torch.float64), torch.zeros(1, dtype=torch.float64)])
-    return "euler", Grid(alphas=1 - sigmas, sigmas=sigmas, timesteps=t, init_scale=1.0, kind="flow"), {}
+    return "euler", _flow_grid(sched, sched.timesteps), {}
 
 
 _MAPPERS = {
@@ -179,8 +207,12 @@ _MAPPERS = {
 }
 
 
-def from_diffusers(scheduler, n: int) -> tuple[str, Grid, dict]:
+def from_diffusers(scheduler, n: int, *, mu: float | None = None, sigmas=None) -> tuple[str, Grid, dict]:
     """Return ``(sampler_name, grid, options)`` that reproduce ``scheduler`` run for ``n`` steps.
+
+    ``mu``: the resolution shift of schedulers with ``use_dynamic_shifting`` (FLUX.1, SD3.5: what their
+    pipelines compute from the image's token count); ``sigmas``: custom sigmas before the shift, for the
+    schedulers that take them (FluxPipeline passes ``linspace(1, 1/n, n)``).
 
     The scheduler is not modified. The model's prediction type (``scheduler.config.prediction_type``) is the
     denoiser's concern (see :mod:`diffrt.denoisers`); for an LCM scheduler wrap the model with
@@ -191,4 +223,4 @@ def from_diffusers(scheduler, n: int) -> tuple[str, Grid, dict]:
     kind = type(scheduler).__name__
     if kind not in _MAPPERS:
         raise ValueError(f"from_diffusers does not support {kind}; supported: {', '.join(sorted(_MAPPERS))}")
-    return _MAPPERS[kind](_fresh(scheduler, n))
+    return _MAPPERS[kind](_fresh(scheduler, n, mu, sigmas))

@@ -21,6 +21,12 @@ class Sampler:
     stochastic: bool
     summary: str
 
+    @property
+    def suits_flow(self) -> bool:
+        """Deterministic solvers of the probability-flow ODE work on any grid, flow-matching ones included;
+        the stochastic ones here are written for VP/consistency models."""
+        return not self.stochastic
+
     def options(self) -> list[str]:
         params = inspect.signature(self.plan).parameters
         return [p for p in params if p != "host"] + (["noise_dtype"] if self.stochastic else [])

@@ -5,24 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 
-KINDS = ("vae", "fashion", "fashion-flow", "fashion-lcm", "classifier")
+KINDS = ("vae", "fashion", "fashion-flow", "fashion-lcm", "fashion-dit", "classifier")
 # options that only some kinds take (each kind's settings field of the same name)
 KIND_OPTIONS = {
-    "vae": ("fashion", "fashion-flow"),
+    "vae": ("fashion", "fashion-flow", "fashion-dit"),
     "init": ("fashion", "fashion-flow"),
     "high_t_share": ("fashion", "fashion-flow"),
     "beta_schedule": ("fashion",),
     "teacher": ("fashion-lcm",),
     "cond_init": ("fashion-lcm",),
 }
-ORDER = "order: vae -> fashion, fashion-flow (--vae) -> fashion-lcm (--teacher); classifier on its own"
+ORDER = ("order: vae -> fashion, fashion-flow, fashion-dit (--vae) -> fashion-lcm (--teacher); classifier on "
+         "its own")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = f"Train an embedded Fashion-MNIST model ({ORDER}). Defaults are the shipped models' settings."
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--vae", default=None, help="VAE folder (fashion, fashion-flow)")
+    parser.add_argument("--vae", default=None, help="VAE folder (fashion, fashion-flow, fashion-dit)")
     parser.add_argument("--teacher", default=None, help="`fashion` folder to distil (fashion-lcm)")
     parser.add_argument("--cond-init", default=None, choices=("zero", "random"),
                         help="fashion-lcm: initial guidance projection (zero: the student starts as the teacher)")
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_for(args):
     """The kind's settings dataclass with the given options applied; unknown-to-the-kind options refused."""
-    from . import classifier, diffusion, lcm, vae
+    from . import classifier, diffusion, dit, lcm, vae
 
     if args.kind == "vae":
         settings = vae.VAESettings()
@@ -53,6 +54,8 @@ def settings_for(args):
         settings = classifier.ClassifierSettings()
     elif args.kind == "fashion-lcm":
         settings = lcm.LCMSettings()
+    elif args.kind == "fashion-dit":
+        settings = dit.DiTSettings()
     else:
         settings = diffusion.DiffusionSettings(objective="eps" if args.kind == "fashion" else "flow")
     if args.size is not None and args.kind == "fashion-lcm":
@@ -82,13 +85,14 @@ def settings_for(args):
 
 
 def run(args) -> int:
-    from . import classifier, diffusion, lcm, vae
+    from . import classifier, diffusion, dit, lcm, vae
 
     settings = settings_for(args)
     trainer = {
         "vae": vae.train_vae,
         "classifier": classifier.train_classifier,
         "fashion-lcm": lcm.train_lcm,
+        "fashion-dit": dit.train_dit,
         "fashion": diffusion.train_diffusion,
         "fashion-flow": diffusion.train_diffusion,
     }[args.kind]

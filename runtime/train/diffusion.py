@@ -31,8 +31,9 @@ DEFAULTS = {
 
 
 @dataclass
-class DiffusionSettings(common.TrainSettings):
-    objective: str = "eps"
+class LatentTrainSettings(common.TrainSettings):
+    """What the text-to-image denoisers on VAE latents share (the shipped models' settings)."""
+
     steps: int = 2400
     batch_size: int = 128
     lr: float = 6e-4
@@ -43,6 +44,19 @@ class DiffusionSettings(common.TrainSettings):
     p_empty: float = data.P_EMPTY
     t_sampling: str = "logit_normal"  # flow only
     vae: str | None = None  # folder written by `diffrt train vae`
+
+    def check(self) -> None:
+        super().check()
+        if self.t_sampling not in T_SAMPLING:
+            raise ValueError(f"t_sampling must be one of {T_SAMPLING}, got {self.t_sampling!r}")
+        if self.vae is None:
+            raise ValueError("the denoisers train on VAE latents: give the VAE folder (--vae DIR from `diffrt train "
+                             "vae`)")  # fmt: skip
+
+
+@dataclass
+class DiffusionSettings(LatentTrainSettings):
+    objective: str = "eps"
     init: str | None = None  # start from this trained folder's U-Net instead of a fresh one (see initial_unet)
     beta_schedule: str = "scaled_linear"  # eps only: a key of models.VP_BETAS
     high_t_share: float = 0.0  # eps only: share of timesteps drawn from [high_t_min, 1000) instead of [0, 1000)
@@ -52,15 +66,11 @@ class DiffusionSettings(common.TrainSettings):
         super().check()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.t_sampling not in T_SAMPLING:
-            raise ValueError(f"t_sampling must be one of {T_SAMPLING}, got {self.t_sampling!r}")
         if not 0 <= self.high_t_share <= 1 or not 0 <= self.high_t_min < models.NUM_TRAIN_TIMESTEPS:
             raise ValueError(f"need 0 <= high_t_share <= 1 and 0 <= high_t_min < {models.NUM_TRAIN_TIMESTEPS}, "
                              f"got {self.high_t_share}, {self.high_t_min}")  # fmt: skip
         if self.beta_schedule not in models.VP_BETAS:
             raise ValueError(f"beta_schedule must be one of {tuple(models.VP_BETAS)}, got {self.beta_schedule!r}")
-        if self.vae is None:
-            raise ValueError("the U-Nets train on VAE latents: give the VAE folder (--vae DIR from `diffrt train vae`)")
 
 
 def load_vae(folder, device):

@@ -10,9 +10,9 @@ from diffrt.timing import ProgressLines, StageTimes
 
 def test_stage_times_list_a_few_calls_and_summarise_many():
     few = StageTimes(unet_calls_ms=[1.0, 2.0, 3.0])
-    assert "3 U-Net calls: 1.0, 2.0, 3.0" in few.summary()
+    assert "3 model calls: 1.0, 2.0, 3.0" in few.summary()
     many = StageTimes(unet_calls_ms=[float(k) for k in range(1, 1001)]).summary()
-    assert "1000 U-Net calls: median 500.5 ms, min 1.0, max 1000.0" in many
+    assert "1000 model calls: median 500.5 ms, min 1.0, max 1000.0" in many
     assert len(many) < 400  # not 1000 numbers
 
 

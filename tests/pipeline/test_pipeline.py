@@ -63,7 +63,7 @@ def test_stage_timings_are_recorded(tiny):
     assert len(stages.unet_calls_ms) == 5  # heun: 2 calls per step but the last
     assert stages.text_encode_ms > 0 and stages.vae_decode_ms > 0
     assert stages.total_ms >= stages.denoise_ms + stages.vae_decode_ms
-    assert "U-Net calls" in stages.summary()
+    assert "model calls" in stages.summary()
 
 
 def _picture(seed=0):

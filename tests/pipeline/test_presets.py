@@ -42,7 +42,8 @@ def test_tiny_is_a_few_hundred_thousand_parameters():
 
 
 def test_presets_say_their_weights_are_random():
-    assert names() == ["sd15", "sd21", "sdxl", "tiny"]
+    assert names() == ["flux-dev", "flux-schnell", "sd15", "sd21", "sd3-medium", "sd35-large", "sdxl", "tiny",
+                       "tiny-flux", "tiny-sd3"]
     for preset in PRESETS.values():
         assert "random weights" in preset.notes
 

@@ -54,6 +54,14 @@ def flow_run(tmp_path_factory, vae_run):
 
 
 @pytest.fixture(scope="session")
+def dit_run(tmp_path_factory, vae_run):
+    from diffrt.train.dit import DiTSettings, train_dit
+
+    settings = smoke(DiTSettings(vae=str(vae_run.folder)), lr=2e-3)
+    return train_dit(tmp_path_factory.mktemp("dit") / "fashion-dit", settings, progress=False)
+
+
+@pytest.fixture(scope="session")
 def lcm_run(tmp_path_factory, eps_run):
     from diffrt.train import LCMSettings, train_lcm
 

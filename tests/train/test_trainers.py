@@ -64,6 +64,19 @@ def test_flow_loss_falls_and_folder_generates(flow_run):
     assert pipe.components.is_flow and pipe.components.prediction_type == "flow"
 
 
+def test_dit_loss_falls_and_folder_generates(dit_run):
+    assert_loss_falls(dit_run.losses)
+    pipe, _ = generate(dit_run.folder, sampler="euler")
+    c = pipe.components
+    assert c.family == "flux" and c.unet is None and type(c.transformer).__name__ == "FluxTransformer2DModel"
+    assert pipe.default_size == 32 and c.scheduler.config.use_dynamic_shifting
+    # the grid at the trained size has no shift (mu = 0), as the scheduler's config sets it
+    from diffrt.samplers import from_diffusers
+
+    _, grid, _ = from_diffusers(c.scheduler, 4, **pipe.family.timestep_options(c, c.scheduler, 4, 32, 32))
+    assert grid.sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
 def test_lcm_loss_falls_and_folder_generates(lcm_run):
     assert_loss_falls(lcm_run.losses)
     pipe, _ = generate(lcm_run.folder, steps=4)

@@ -1,0 +1,79 @@
+"""What the flow-matching transformer families (SD3, FLUX.1) share: a ``transformer`` graph in place of the
+U-Net, sizes set by the patch size, T5 sequence lengths, and flow grids from the scheduler's own timesteps
+with the family's shift (diffusers' ``calculate_shift``: ``mu`` linear in the image's token count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import T5_MAX_SEQUENCE, UNetFamily
+
+
+def resolution_shift(tokens: int, config, max_shift_default: float) -> float:
+    """``mu`` of the exponential (or linear) time shift for an image of ``tokens`` tokens: linear between
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as FLUX.1 and SD3.5 compute it."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", max_shift_default)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return tokens * slope + base_shift - slope * base_len
+
+
+@dataclass(frozen=True)
+class TransformerFamily(UNetFamily):
+    """A flow-matching transformer family. Subclasses say how the transformer is called and conditioned."""
+
+    denoiser_part: str = "transformer"
+    default_sequence: int = 256  # T5 tokens when a call does not say (SD3: 256, FLUX.1-dev: 512)
+    max_shift_default: float = 1.15  # the pipeline's max_shift when the scheduler config has none
+
+    def patch_size(self, components) -> int:
+        raise NotImplementedError
+
+    def size_multiple(self, components) -> int:
+        return components.vae_scale_factor * self.patch_size(components)
+
+    def size_step(self, components) -> int:
+        return self.size_multiple(components)
+
+    def default_size(self, components) -> int:
+        size = components.defaults.get("size")  # an embedded model's trained size (its diffrt.json)
+        if size:
+            return int(size)
+        sample = components.transformer.config.get("sample_size") or 128  # FLUX.1: the pipeline's 128 latents
+        return sample * components.vae_scale_factor
+
+    def image_tokens(self, components, height: int, width: int) -> int:
+        f = self.size_multiple(components)
+        return (height // f) * (width // f)
+
+    def denoiser_tokens(self, components, height: int, width: int) -> tuple[int, int]:
+        return self.image_tokens(components, height, width), self.sequence_length(components)
+
+    def max_sequence_length(self, components) -> int | None:
+        return T5_MAX_SEQUENCE
+
+    def t5_length(self, components) -> int:
+        """T5 tokens when a call does not say: the model's ``max_sequence_length`` default, else the family's."""
+        return int(components.defaults.get("max_sequence_length") or self.default_sequence)
+
+    def sequence_length(self, components) -> int:
+        return self.t5_length(components)
+
+    def uses_scheduler_grid(self, components) -> bool:
+        return True
+
+    def timestep_options(self, components, scheduler, steps: int, height: int, width: int) -> dict:
+        """``mu`` for a scheduler with dynamic shifting (from this image's token count); the rest is the
+        scheduler's own configuration (static shift, shift_terminal, karras/exponential/beta sigmas)."""
+        config = scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return {}
+        return {"mu": resolution_shift(self.image_tokens(components, height, width), config, self.max_shift_default)}
+
+
+def flux_sigmas(steps: int) -> np.ndarray:
+    """The sigmas FluxPipeline hands its scheduler: ``linspace(1, 1/n, n)`` before the shift."""
+    return np.linspace(1.0, 1 / steps, steps)

@@ -1,0 +1,133 @@
+"""FLUX.1 (dev, schnell): ``FluxTransformer2DModel`` on 16-channel latents packed 2x2 into tokens.
+
+Conditioning as diffusers' ``FluxPipeline`` builds it: CLIP-L's pooled output as ``pooled_projections`` and
+T5's states (512 tokens for dev, 256 for schnell by default) as the sequence, with all-zero text position
+ids. The graph packs the latents and makes their position ids itself (:mod:`diffrt.families.flux_layout`),
+so the pipeline and the samplers see ordinary ``[B, C, h, w]`` latents. Guidance: FLUX.1-dev takes its scale
+as an embedding (``guidance``, one pass); ``true_cfg`` adds classifier-free guidance with a negative prompt;
+models without the embedding (schnell, fashion-dit) use ``guidance`` as classifier-free guidance. Grids: the
+pipeline's ``linspace(1, 1/n, n)`` sigmas with the resolution shift ``mu`` of the image's token count.
+
+A model with one text encoder (diffrt's ``fashion-dit``, MiniLM) conditions on its states and their mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..graphspec import Dim, TensorSpec
+from . import flux_layout
+from .dit import TransformerFamily, flux_sigmas, resolution_shift
+
+
+class FluxTransformerGraph(nn.Module):
+    """sample [B, C, h, w], timestep [B] (1000 sigma), encoder_hidden_states [B, S, D], pooled_projections
+    [B, P] (+ guidance [B] for guidance-distilled models) -> the velocity [B, C, h, w]."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, guidance=None):
+        h, w = sample.shape[-2:]
+        out = self.transformer(
+            hidden_states=flux_layout.pack(sample), timestep=timestep / 1000, guidance=guidance,
+            encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+            txt_ids=flux_layout.text_ids_like(encoder_hidden_states), img_ids=flux_layout.image_ids_like(sample),
+        ).sample  # fmt: skip
+        return flux_layout.unpack(out, h, w)
+
+
+@dataclass(frozen=True)
+class FluxFamily(TransformerFamily):
+    default_sequence: int = 512
+    onnx_exporter: str = "dynamo"  # TorchScript tracing freezes token counts in diffusers' RoPE/attention code
+
+    def patch_size(self, components) -> int:
+        return 2  # the pipeline's 2x2 packing (the transformer's own patch size is 1)
+
+    def check_components(self, components, where) -> None:
+        channels, latent = components.transformer.config.in_channels, components.latent_channels
+        if channels != 4 * latent:
+            raise ValueError(f"{where}: the transformer takes {channels} packed channels (2x2 patches of "
+                             f"{channels // 4}) but the VAE makes {latent}-channel latents: not a matching FLUX VAE")
+        kinds = [type(encoder).__name__ for encoder in components.text_encoders]
+        if len(kinds) == 1 and kinds[0] != "BertModel":
+            raise ValueError(f"{where}: a FLUX folder needs its T5 encoder (text_encoder_2) beside CLIP")  # fmt: skip
+
+    def text_outputs(self, encoder) -> tuple[bool, str | None]:
+        if type(encoder).__name__.startswith("CLIP"):
+            return False, "pooler_output"
+        return False, None  # T5, or the one MiniLM encoder of fashion-dit
+
+    def sequence_length(self, components) -> int:
+        if len(components.tokenizers) == 1:
+            return int(components.tokenizers[0].model_max_length)
+        return self.t5_length(components)
+
+    def max_sequence_length(self, components) -> int | None:
+        return None if len(components.tokenizers) == 1 else super().max_sequence_length(components)
+
+    def guidance_distilled(self, components) -> bool:
+        return bool(components.transformer.config.get("guidance_embeds"))
+
+    def unet_inputs(self, components) -> list[TensorSpec]:
+        cfg = components.transformer.config
+        b, h, w = self._latent_dims(components)
+        inputs = [
+            TensorSpec("sample", (b, cfg.in_channels // 4, h, w)),
+            TensorSpec("timestep", (b,), "float32", 0.0, 1000.0),
+            TensorSpec("encoder_hidden_states", (b, Dim("sequence"), cfg.joint_attention_dim)),
+            TensorSpec("pooled_projections", (b, cfg.pooled_projection_dim)),
+        ]
+        if self.guidance_distilled(components):
+            inputs.append(TensorSpec("guidance", (b,), "float32", 1.0, 10.0))
+        return inputs
+
+    def _unet_output(self, components) -> TensorSpec:
+        cfg = components.transformer.config
+        b, h, w = self._latent_dims(components)
+        return TensorSpec("out", (b, (cfg.out_channels or cfg.in_channels) // 4, h, w))
+
+    def denoiser_graph(self, module) -> nn.Module:
+        return FluxTransformerGraph(module)
+
+    def latent_shape(self, components, height: int, width: int) -> tuple[int, ...]:
+        f = components.vae_scale_factor
+        return (components.transformer.config.in_channels // 4, height // f, width // f)
+
+    def encode(self, run, components, prompts, height, width, device, max_sequence_length=None) -> dict:
+        if len(components.tokenizers) == 1:  # fashion-dit: one encoder gives the sequence and, averaged, the pool
+            hidden = self.run_text_encoders(run, components, prompts, device)[0]["hidden"]
+            return {"encoder_hidden_states": hidden, "pooled_projections": hidden.mean(dim=1)}
+        clip_length = int(components.tokenizers[0].model_max_length)
+        lengths = [(clip_length, False), (max_sequence_length or self.t5_length(components), True)]
+        clip, t5 = self.run_text_encoders(run, components, prompts, device, lengths)
+        return {"encoder_hidden_states": t5["hidden"], "pooled_projections": clip["pooled"].to(t5["hidden"].dtype)}
+
+    def embedded_guidance(self, components, guidance, batch, like) -> dict | None:
+        if not self.guidance_distilled(components):
+            return None
+        return {"guidance": torch.full((batch,), float(guidance), device=like.device, dtype=torch.float32)}
+
+    def timestep_options(self, components, scheduler, steps, height, width) -> dict:
+        tokens = self.image_tokens(components, height, width)
+        options = {"mu": resolution_shift(tokens, scheduler.config, self.max_shift_default)}
+        if not scheduler.config.get("use_flow_sigmas"):
+            options["sigmas"] = flux_sigmas(steps)
+        return options
+
+
+FLUX = FluxFamily(
+    name="flux",
+    pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+    save_class="FluxPipeline",
+    text_encoder_parts=("text_encoder", "text_encoder_2"),
+    index_extras={"image_encoder": [None, None], "feature_extractor": [None, None]},
+    text_encoder_classes=("CLIPTextModel", "T5EncoderModel", "BertModel"),
+    denoiser_classes=("FluxTransformer2DModel",),
+    optional_parts=("text_encoder_2",),  # only for one-encoder models (fashion-dit); real FLUX folders have T5
+)  # fmt: skip
