@@ -145,7 +145,13 @@ def _scheduler(index: dict, path: Path):
 
 def save_folder(components: Components, folder: str | os.PathLike) -> Path:
     """Write the components as a diffusers folder (safetensors) that diffusers' pipelines also load. A text
-    encoder the model lacks (SD3 without T5) is written as an empty entry, as diffusers writes it."""
+    encoder the model lacks (SD3 without T5) is written as an empty entry, as diffusers writes it. Quietly:
+    transformers' "Writing model shards" bars are off while it writes."""
+    with no_progress_bars():
+        return _write_folder(components, folder)
+
+
+def _write_folder(components: Components, folder: str | os.PathLike) -> Path:
     import diffusers
 
     family = families.of(components)
