@@ -53,13 +53,7 @@ def _denoiser_part(path: Path) -> str | None:
     return next((part for part in ("unet", "transformer") if (path / part).is_dir()), None)
 
 
-def _family_of(path: Path, part: str):
-    """The family whose denoiser class the folder's ``part/config.json`` names."""
-    cls = _read_json(path / part / "config.json").get("_class_name")
-    for family in families.FAMILIES.values():
-        if cls in family.denoiser_classes:
-            return family
-    raise ValueError(f"{path}/{part}: unknown denoiser class {cls!r}")
+
 
 
 def load(name: str, dtype=None, root: Path = MODELS_DIR) -> Components:
@@ -73,8 +67,8 @@ def load(name: str, dtype=None, root: Path = MODELS_DIR) -> Components:
         checksums.verify(shipped_folder)
     dtype = dtype or torch.float32
     part = _denoiser_part(path)
-    family = _family_of(path, part)
-    cls = _read_json(path / part / "config.json")["_class_name"]
+    cls = _read_json(path / part / "config.json").get("_class_name")
+    family = families.for_denoiser_class(cls, f"{path}/{part}")
     denoiser = folders.load_model(getattr(diffusers, cls), path / part, part, dtype)
     vae = folders.load_model(diffusers.AutoencoderKL, vae_path, "vae", dtype)
     scheduler_config = folders.load_part("scheduler", path, lambda: _read_json(path / "scheduler" /

@@ -221,32 +221,30 @@ def _text_model(cfg: dict):
 
 
 def _denoiser(preset: Preset):
+    """The family's denoiser class (U-Net or transformer) with the preset's config."""
     import diffusers
 
-    if preset.unet is not None:
-        return diffusers.UNet2DConditionModel(**preset.unet)
-    model_class = diffusers.SD3Transformer2DModel if preset.family == "sd3" else diffusers.FluxTransformer2DModel
-    return model_class(**preset.transformer)
+    from . import families
+
+    model_class = getattr(diffusers, families.get(preset.family).denoiser_classes[0])
+    return model_class(**(preset.unet if preset.unet is not None else preset.transformer))
 
 
-def _modules(preset: Preset):
-    import diffusers
-
-    encoders = [_text_model(cfg)[0] for cfg in preset.text_encoders]
-    return [_denoiser(preset), diffusers.AutoencoderKL(**preset.vae), *encoders]
+def parameter_counts(preset: Preset) -> dict[str, int]:
+    """Each module's parameter count, from the modules built on the meta device: nothing is allocated."""
+    denoiser, vae, encoders, _, _ = build_modules(preset, device="meta")
+    names = [f"text_encoder_{k + 1}" if k else "text_encoder" for k in range(len(encoders))]
+    modules = {"transformer" if preset.unet is None else "unet": denoiser, "vae": vae,
+               **dict(zip(names, encoders, strict=True))}
+    return {label: sum(p.numel() for p in m.parameters()) for label, m in modules.items()}
 
 
 def weight_bytes(preset: Preset, dtype=None) -> dict[str, int]:
-    """Bytes of each module's weights in ``dtype`` (default float32), counted on the meta device: nothing is
-    allocated."""
+    """Bytes of each module's weights in ``dtype`` (default float32); nothing is allocated."""
     import torch
 
     itemsize = (dtype or torch.float32).itemsize
-    with torch.device("meta"):
-        modules = _modules(preset)
-    encoders = [f"text_encoder_{k + 1}" if k else "text_encoder" for k in range(len(preset.text_encoders))]
-    labels = ["transformer" if preset.unet is None else "unet", "vae", *encoders]
-    return {label: sum(p.numel() for p in m.parameters()) * itemsize for label, m in zip(labels, modules, strict=True)}
+    return {label: count * itemsize for label, count in parameter_counts(preset).items()}
 
 
 def check_fits(preset: Preset, dtype, device, free: int | None = None):
@@ -261,9 +259,9 @@ def check_fits(preset: Preset, dtype, device, free: int | None = None):
     from . import memory
 
     dtype = dtype or torch.float32
-    sizes = weight_bytes(preset, dtype)
-    need = sum(sizes.values())
-    full = sum(weight_bytes(preset, torch.float32).values())
+    counts = parameter_counts(preset)
+    sizes = {label: count * dtype.itemsize for label, count in counts.items()}
+    need, full = sum(sizes.values()), 4 * sum(counts.values())
     if full <= memory.CHECK_ABOVE:
         return torch.float32
     free, where = (free, "free") if free is not None else memory.available_bytes(torch.device(device))

@@ -15,7 +15,6 @@ from .base import check_options
 from .torch_backend import TorchBackend
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-COMPILED_GRAPHS = ("unet", "vae_decoder")  # the denoiser (the family's: unet or transformer) and the decoder
 OPTIONS = ("mode", "dynamic")
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,8 @@ class CompileBackend(TorchBackend):
             raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
         super().__init__(components, device, dtype)
         self.mode, self.dynamic = mode, dynamic
-        compiled = (self.family.denoiser_part, "vae_decoder")
-        self.compiled = {name: self._compile(name) for name in compiled}
+        # the denoiser (the family's: unet or transformer) and the VAE decoder
+        self.compiled = {name: self._compile(name) for name in (self.family.denoiser_part, "vae_decoder")}
         self._compiled_for: set[tuple] = set()  # (graph, dtype, first input's shape) already compiled
 
     def _compile(self, graph: str):

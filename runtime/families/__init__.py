@@ -28,6 +28,14 @@ def of(components) -> UNetFamily:
     return get(components.family)
 
 
+def for_denoiser_class(class_name, where) -> UNetFamily:
+    """The family whose denoiser is diffusers class ``class_name`` (read from ``where``)."""
+    for family in FAMILIES.values():
+        if class_name in family.denoiser_classes:
+            return family
+    raise ValueError(f"{where}: unknown denoiser class {class_name!r}")
+
+
 def for_pipeline_class(class_name, where) -> UNetFamily:
     """The family that loads diffusers pipeline ``class_name`` (from ``where``'s model_index.json)."""
     for family in FAMILIES.values():

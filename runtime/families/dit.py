@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .base import T5_MAX_SEQUENCE, UNetFamily
 
 
@@ -72,8 +70,3 @@ class TransformerFamily(UNetFamily):
         if not config.get("use_dynamic_shifting"):
             return {}
         return {"mu": resolution_shift(self.image_tokens(components, height, width), config, self.max_shift_default)}
-
-
-def flux_sigmas(steps: int) -> np.ndarray:
-    """The sigmas FluxPipeline hands its scheduler: ``linspace(1, 1/n, n)`` before the shift."""
-    return np.linspace(1.0, 1 / steps, steps)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..graphspec import Dim, TensorSpec
 from . import flux_layout
-from .dit import TransformerFamily, flux_sigmas, resolution_shift
+from .dit import TransformerFamily, resolution_shift
 
 
 class FluxTransformerGraph(nn.Module):
@@ -117,7 +118,7 @@ class FluxFamily(TransformerFamily):
         tokens = self.image_tokens(components, height, width)
         options = {"mu": resolution_shift(tokens, scheduler.config, self.max_shift_default)}
         if not scheduler.config.get("use_flow_sigmas"):
-            options["sigmas"] = flux_sigmas(steps)
+            options["sigmas"] = np.linspace(1.0, 1 / steps, steps)  # FluxPipeline's, before the shift
         return options
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .. import folders
+from ..components import Components
 from ..families import flux_layout
 from . import common, data, diffusion, text
 
@@ -107,9 +109,6 @@ def train_dit(out, settings: DiTSettings | None = None, progress: bool = True) -
 def save_dit(out: Path, transformer, vae, encoder, tokenizer, settings, metrics) -> Path:
     """A diffrt model folder of the FLUX family (transformer, VAE, MiniLM encoder, scheduler), train.json and
     a model card. diffusers' ``FluxPipeline`` does not load it: its text encoders are MiniLM, not CLIP + T5."""
-    from .. import folders
-    from ..components import Components
-
     components = Components("fashion-dit", "flux", None, vae.eval(), [encoder.eval()], [tokenizer],
                             flow_scheduler(), defaults=dict(DEFAULTS), transformer=transformer)  # fmt: skip
     folders.save_folder(components, out)
