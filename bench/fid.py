@@ -22,7 +22,8 @@ from ..results import read_result, require_numbers
 from .harness import add_call_arguments, fill_call_defaults, write_result
 
 KIND = "fid"
-COMPARED = ("model", "weights", "sampler", "steps", "samples", "seed", "guidance", "height", "width", "prompts")
+COMPARED = ("model", "weights", "sampler", "steps", "samples", "seed", "guidance", "height", "width", "prompts",
+            "cache")  # fmt: skip
 DEFAULT_TOLERANCE = 0.15  # relative FID rise allowed
 DEFAULT_ADHERENCE_DROP = 0.05  # absolute adherence drop allowed
 
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local diffusers folder "
                         f"(default: the default model, {DEFAULT_MODEL})")
     add_call_arguments(parser)
+    parser.add_argument("--cache", default=None, help="a step cache to gate (diffrt.step_cache), such as "
+                        "deepcache:interval=3; default none")  # fmt: skip
     parser.add_argument("--samples", type=int, default=200, help="images, a multiple of 10 (one share per class)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", default="canonical", choices=("canonical", "held_out"))
@@ -57,7 +60,7 @@ def measure(pipe, settings: dict) -> dict:
     scores = quality.evaluate_pipeline(
         pipe, per_class=per_class, prompts=settings["prompts"], seed=settings["seed"], batch_size=100,
         steps=settings["steps"], sampler=settings["sampler"], guidance=settings["guidance"],
-        height=settings["height"], width=settings["width"],
+        height=settings["height"], width=settings["width"], cache=settings.get("cache"),
     )  # fmt: skip
     return {
         "fid": scores["fid"], "kid_mean": scores["kid_mean"], "kid_std": scores["kid_std"],
@@ -79,8 +82,8 @@ def read_baseline(path) -> dict:
 def check_comparable(baseline: dict, settings: dict, path) -> None:
     """Refuse a baseline measured under other settings or on other weights, naming what differs."""
     theirs = baseline.get("settings", {})
-    differ = [f"{key}: baseline {theirs.get(key)!r}, this run {settings[key]!r}"
-              for key in COMPARED if theirs.get(key) != settings[key]]  # fmt: skip
+    differ = [f"{key}: baseline {theirs.get(key)!r}, this run {settings.get(key)!r}"
+              for key in COMPARED if theirs.get(key) != settings.get(key)]  # a key missing: None (no cache)
     if differ:
         raise ValueError(f"baseline {path} was measured under other settings, refusing to compare ("
                          + "; ".join(differ) + "); make a new one with --update-baseline")  # fmt: skip
@@ -111,7 +114,7 @@ def _settings(args, pipe) -> dict:
         "weights": weights_fingerprint(pipe.components),
         "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
         "samples": args.samples, "seed": args.seed, "prompts": args.prompts, "height": size[0], "width": size[1],
-        "dtype": "float32", "device": args.device,
+        "dtype": "float32", "device": args.device, "cache": args.cache,
     }  # fmt: skip
 
 
@@ -129,6 +132,10 @@ def run(args) -> int:
         from ..samplers import get
 
         get(args.sampler)  # an unknown name fails here, before the slow part
+    if args.cache is not None:
+        from ..step_cache import parse
+
+        args.cache = str(parse(args.cache))  # one spelling in the baseline; a bad spec fails before the slow part
     baseline = None if args.update_baseline else read_baseline(args.baseline)
     pipe = diffrt.load(args.model, device=args.device)
     settings = _settings(args, pipe)
@@ -142,7 +149,8 @@ def run(args) -> int:
         print(f"FID {metrics['fid']:.3f}, adherence {metrics['adherence']:.3f}: wrote the baseline {args.baseline}")
         return 0
     passed, lines = verdict(baseline["metrics"], metrics, args.tolerance, args.adherence_drop)
-    print(f"{settings['model']} {settings['sampler']} {settings['steps']} steps, {settings['samples']} images:")
+    cached = f", cache {settings['cache']}" if settings["cache"] else ""
+    print(f"{settings['model']} {settings['sampler']} {settings['steps']} steps{cached}, {settings['samples']} images:")
     print("\n".join("  " + line for line in lines))
     print("PASS" if passed else "FAIL: quality regressed beyond tolerance")
     return 0 if passed else 1

@@ -1,5 +1,5 @@
 """``diffrt bench report``: one markdown report with tables and PNG plots, and one self-contained HTML page
-(plots embedded), from result files of the latency, throughput and samplers benchmarks."""
+(plots embedded), from result files of the latency, throughput, samplers, fid and cache benchmarks."""
 
 from __future__ import annotations
 
@@ -154,9 +154,29 @@ def _fid(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
     return _table(["model", "sampler", "steps", "images", "domain FID", "KID", "adherence"], [row]), []
 
 
+def _cache(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    """Step cache against fewer steps: the table of cells, the verdicts, and the quality-against-time plot."""
+    from .cache import plot, verdicts
+
+    cells = record["metrics"]["cells"]
+    rows = [[c["label"], c["full_calls"], c["cached_calls"], f"{c['full_equivalent_calls']:.1f}",
+             f"{c['ms_per_image']:.1f}", f"{c['denoise_speedup']:.2f}x",
+             f"{c['adherence']:.3f}" if "adherence" in c else "-", f"{c['fid']:.3f}" if "fid" in c else "-",
+             "yes" if c.get("pareto") else ""] for c in cells]  # fmt: skip
+    header = ["cell", "full calls", "cached calls", "full-equivalent calls", "ms per image", "denoising speedup",
+              "adherence", "domain FID", "Pareto"]  # fmt: skip
+    said = "\n".join(f"- `{label}`: {verdict}" for label, verdict in verdicts(cells).items())
+    pngs = []
+    if all("fid" in c for c in cells):
+        s = record["settings"]
+        pngs.append(f"cache-{index}.png")
+        plot(cells, f"{s.get('model')}: step cache against fewer steps", out / pngs[0])
+    return _table(header, rows) + ("\n\n" + said if said else ""), pngs
+
+
 SECTIONS = {
     "latency": _latency, "throughput": _throughput, "samplers": _samplers, "samplers-model": _model_samplers,
-    "fid": _fid,
+    "fid": _fid, "cache": _cache,
 }  # fmt: skip
 
 

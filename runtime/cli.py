@@ -21,6 +21,7 @@ FILE, FOLDER, NEW_FOLDER = "file", "folder", "new folder"
 def _add_bench(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (JSON results, tables, plots)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
+    from .bench import cache as bench_cache
     from .bench import fid as bench_fid
     from .bench import gpu_suite as bench_gpu
     from .bench import kernels as bench_kernels
@@ -36,6 +37,7 @@ def _add_bench(subparsers) -> None:
         (bench_throughput, "throughput", "images/s against batch size", FILE),
         (bench_report, "report", "markdown + HTML report with plots from results", FOLDER),
         (bench_fid, "fid", "quality regression gate: domain FID and adherence", FILE),
+        (bench_cache, "cache", "step caching against fewer steps: time, adherence, domain FID", FILE),
         (bench_gpu, "gpu", "every GPU check and measurement in one time-boxed run (a dry run without CUDA)", FOLDER),
     )
     for module, name, help_text, out_kind in commands:
@@ -117,6 +119,8 @@ def _add_generate(subparsers) -> None:
                    "--negative (default 1: off)")  # fmt: skip
     p.add_argument("--max-sequence-length", type=int, default=None, help="SD3, FLUX.1: T5 tokens (default: the "
                    "model's; longer prompts are truncated with a warning)")  # fmt: skip
+    p.add_argument("--cache", default=None, help="a step cache: deepcache:interval=3[,depth=1,warmup=1] (U-Nets) "
+                   "or fbcache:threshold=0.1 / fbcache:interval=2 (transformers); default: none")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="image k gets seed + k (default 0)")
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call; memory grows with it, "
@@ -146,7 +150,7 @@ def _generate(args) -> int:
         args.prompt, args.negative, batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
         guidance=args.guidance, seed=args.seed, num_images=args.num_images, height=args.height, width=args.width,
         image=pictures.get("image"), mask_image=pictures.get("mask"), strength=args.strength,
-        true_cfg=args.true_cfg, max_sequence_length=args.max_sequence_length,
+        true_cfg=args.true_cfg, max_sequence_length=args.max_sequence_length, cache=args.cache,
     )  # fmt: skip
     kept, seeds, start = [], [], time.perf_counter()
     shown_at = start

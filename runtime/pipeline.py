@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import denoisers, families, memory, request, samplers
+from . import denoisers, families, memory, request, samplers, step_cache
 from .devices import DTYPE_NAMES, resolve_device, resolve_device_dtype  # noqa: F401  (resolve_*: earlier home)
 from .families.base import guidance_embedding  # noqa: F401  (earlier home)
 from .images import OUTPUT_TYPES, convert, image_tensor, latent_mask, to_tensor  # noqa: F401
@@ -119,6 +119,7 @@ class Pipeline:
     def generate(self, prompt, negative_prompt=None, **options) -> Result:
         """Like calling the pipeline, but returns a :class:`Result` with this call's own seeds and stage times."""
         req = request.build(self.rules, prompt, negative_prompt, **options)
+        self._check_cache(req)
         self._check_memory(req, batch_name="num_images (or generate_batches)")
         return self._run(req)
 
@@ -129,6 +130,7 @@ class Pipeline:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         req = request.build(self.rules, prompt, negative_prompt, **options)
         n = len(req.prompts)
+        self._check_cache(req)
         self._check_memory(request.batch(req, 0, min(batch_size, n)), batch_name="batch_size")
         for first in range(0, n, batch_size):
             yield self._run(request.batch(req, first, min(first + batch_size, n)))
@@ -148,6 +150,14 @@ class Pipeline:
         memory.check(self.components, self.device, batch_name=batch_name, trained_size=self.default_size,
                      **self._memory_settings(req))  # fmt: skip
 
+    def _check_cache(self, req: Request) -> None:
+        if req.cache is None:
+            return
+        if not hasattr(self.backend, "run_cached"):
+            raise ValueError(f"cache= needs a torch-based backend (torch, compile, triton): the {self.backend.name} "
+                             f"backend runs its exported graph whole")  # fmt: skip
+        self.family.check_cache(self.components, req.cache)
+
     def _run(self, req: Request) -> Result:
         with self._lock:
             result = self._generate(req)
@@ -162,7 +172,7 @@ class Pipeline:
         image_latents = None if req.image is None else self._encode_latents(req.image)
         t_image = clock.mark()
         start = self._start(req, cond, uncond, image_latents)
-        x, unet_marks = self._denoise(req, start, clock)
+        x, unet_marks, tally = self._denoise(req, start, clock)
         t_denoised = clock.mark()
         _require_finite(x, "latents", req)  # after the mark: the host sync it needs is not timed as denoising
         result = x if req.output_type == "latent" else self._decode_output(req, x)
@@ -172,6 +182,8 @@ class Pipeline:
         times.vae_encode_ms = clock.ms(t_encoded, t_image) if req.image is not None else 0.0
         times.unet_calls_ms = [clock.ms(a, b) for a, b in zip(unet_marks[::2], unet_marks[1::2], strict=True)]
         times.denoise_ms = clock.ms(t_image, t_denoised)
+        if tally is not None:
+            times.full_calls, times.cached_calls = tally
         times.vae_decode_ms = clock.ms(t_denoised, t_end) if req.output_type != "latent" else 0.0
         times.total_ms = clock.ms(t_start, t_end)
         return Result(convert(result, req.output_type), list(req.seeds), times)
@@ -248,16 +260,24 @@ class Pipeline:
         return start
 
     # ---------------------------------------------------------------------------------- denoise
-    def _unet(self, x, t, conditioning):
+    def _unet(self, x, t, conditioning, session=None):
         timestep = t.to(torch.float32).expand(x.shape[0])
-        graph = self.family.denoiser_part
-        return self.backend.run(graph, sample=x.to(self.dtype), timestep=timestep, **conditioning)["out"]
+        inputs, graph = dict(sample=x.to(self.dtype), timestep=timestep, **conditioning), self.family.denoiser_part
+        if session is not None:
+            return self.backend.run_cached(graph, session, **inputs)["out"]
+        return self.backend.run(graph, **inputs)["out"]
 
-    def _loop_denoiser(self, guidance: float, rescale: float, cond, uncond, image_latents, repaint, unet_extra):
+    def _loop_denoiser(self, guidance: float, rescale: float, cond, uncond, image_latents, repaint, unet_extra,
+                       session=None):  # fmt: skip
         """The model as a denoiser: classifier-free guidance as one batched call, a 9-channel U-Net's extra
-        inputs, the prediction type (or the consistency parametrisation), latent blending when inpainting.
-        Takes plain values, not the request: a captured loop must not reach into the call that captured it."""
-        model = denoisers.guided_model(self._unet, cond, uncond, guidance, rescale)
+        inputs, the prediction type (or the consistency parametrisation), latent blending when inpainting,
+        and the step cache's ``session`` when there is one. Takes plain values, not the request: a captured
+        loop must not reach into the call that captured it."""
+
+        def unet(x, t, conditioning):
+            return self._unet(x, t, conditioning, session)
+
+        model = denoisers.guided_model(unet, cond, uncond, guidance, rescale)
         if unet_extra is not None:
             model = denoisers.with_extra_channels(model, unet_extra)
         components = self.components
@@ -268,33 +288,39 @@ class Pipeline:
             denoiser = denoisers.prediction_denoiser(model, components.prediction_type)
         return denoiser if repaint is None else denoisers.masked_denoiser(denoiser, repaint, image_latents)
 
-    def _denoise(self, req: Request, start: Start, clock: Clock) -> tuple[torch.Tensor, list]:
-        """The sampling loop: captured as one CUDA graph when the backend can and the sampler is deterministic,
-        else eager with per-call timing; then the kept latents pasted back (inpainting by blending)."""
-        capture = self.backend.loop_capture
-        marks: list = []
-        if capture is not None and not samplers.get(start.plan.name).stochastic:
-            x = self._denoise_captured(capture, req, start)
+    def _denoise(self, req: Request, start: Start, clock: Clock) -> tuple[torch.Tensor, list, tuple | None]:
+        """The sampling loop: captured as one CUDA graph when the backend can, the sampler is deterministic and
+        a step cache (if any) has a fixed schedule, else eager with per-call timing; then the kept latents
+        pasted back (inpainting by blending). Also the step cache's (full, cached) call counts, or None."""
+        capture, cache, marks = self.backend.loop_capture, req.cache, []
+        calls = _model_calls(start.plan)
+        if capture is not None and not samplers.get(start.plan.name).stochastic and (cache is None or cache.static):
+            x = self._denoise_captured(capture, req, start, calls)
+            full = None if cache is None else step_cache.static_full_calls(cache, calls)
+            tally = None if cache is None else (full, calls - full)
         else:
-            if capture is not None:  # its per-image generators are not captured: say why this call is slower
-                log.info("sampler %s draws noise per step: its loop runs eagerly, not as a CUDA graph", req.sampler)
-            x = self._denoise_eager(req, start, clock, marks)
+            if capture is not None:  # say why this call is slower
+                why = (f"sampler {req.sampler} draws noise per step" if cache is None or cache.static
+                       else f"step cache {cache} decides on the host at each call")  # fmt: skip
+                log.info("%s: its loop runs eagerly, not as a CUDA graph", why)
+            session = None if cache is None else step_cache.CacheSession(cache, calls)
+            x = self._denoise_eager(req, start, clock, marks, session, calls)
+            tally = None if session is None else (session.full_calls, session.cached_calls)
         if start.repaint is not None:
             x = start.repaint * x + (1 - start.repaint) * start.image_latents
-        return x, marks
+        return x, marks, tally
 
-    def _denoise_eager(self, req: Request, start: Start, clock: Clock, marks: list) -> torch.Tensor:
+    def _denoise_eager(self, req: Request, start: Start, clock: Clock, marks: list, session, calls: int):
         """Step by step, timing each U-Net call (events on CUDA: no syncs), with a progress bar (plain lines
         every few seconds when stderr is not a terminal)."""
         from tqdm.auto import tqdm
 
         denoiser = self._loop_denoiser(req.cfg_scale, req.guidance_rescale, start.cond, start.uncond,
-                                       start.image_latents, start.repaint, start.unet_extra)  # fmt: skip
+                                       start.image_latents, start.repaint, start.unet_extra, session)  # fmt: skip
         step_generators = [
             torch.Generator(self.device).manual_seed((s + _STEP_SEED_OFFSET) % 2**63) for s in req.seeds
         ]
         plan = start.plan
-        calls = plan.levels.steps + sum(plan.static.get("second", []))
         bar = tqdm(total=calls, desc="denoising", leave=False) if req.progress else ProgressLines(calls, "denoising")
         with bar:
 
@@ -307,7 +333,7 @@ class Pipeline:
 
             return samplers.run(plan, timed, start.x, step_generators)
 
-    def _denoise_captured(self, capture, req: Request, start: Start) -> torch.Tensor:
+    def _denoise_captured(self, capture, req: Request, start: Start, calls: int) -> torch.Tensor:
         """The whole loop as one CUDA graph per setting (no per-step timings: the steps run as one launch).
 
         Every per-call tensor is a graph input, and the loop reads nothing else from this call but the plan and
@@ -319,18 +345,20 @@ class Pipeline:
             inputs.update(repaint=start.repaint, image_latents=start.image_latents)
         if start.unet_extra is not None:
             inputs["unet_extra"] = start.unet_extra
-        plan, guidance, rescale = start.plan, req.cfg_scale, req.guidance_rescale
+        plan, guidance, rescale, cache = start.plan, req.cfg_scale, req.guidance_rescale, req.cache
 
         def loop(**buffers):
             def part(prefix):
                 return {k[len(prefix) :]: v for k, v in buffers.items() if k.startswith(prefix)} or None
 
+            session = None if cache is None else step_cache.CacheSession(cache, calls)  # fresh at every capture
             denoiser = self._loop_denoiser(guidance, rescale, part("cond."), part("uncond."),
                                            buffers.get("image_latents"), buffers.get("repaint"),
-                                           buffers.get("unet_extra"))  # fmt: skip
+                                           buffers.get("unet_extra"), session)  # fmt: skip
             return samplers.run(plan, denoiser, buffers["x"])
 
-        key = ("loop", plan.host_key, float(guidance), float(rescale), self.backend.capture_state())
+        cache_key = None if cache is None else cache.key
+        key = ("loop", plan.host_key, float(guidance), float(rescale), cache_key, self.backend.capture_state())
         return capture.run(key, loop, inputs)
 
     # ----------------------------------------------------------------------------------- decode
@@ -357,6 +385,11 @@ class Pipeline:
             mask = req.mask.to(images.device)
             images = mask * images + (1 - mask) * (req.image.to(images.device) / 2 + 0.5)
         return images
+
+
+def _model_calls(plan: samplers.Plan) -> int:
+    """How many times the loop calls the model: one per step, two on the steps of a second-order sampler."""
+    return plan.levels.steps + sum(plan.static.get("second", []))
 
 
 def _require_finite(tensor: torch.Tensor, what: str, req: Request) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import defaults, samplers
+from . import defaults, samplers, step_cache
 from .images import OUTPUT_TYPES, fit_size, image_tensor, mask_tensor
 from .schedules import SPACINGS
 
@@ -67,6 +67,7 @@ class Request:
     true_cfg: float = 1.0  # guidance-distilled models: classifier-free guidance on top (1 = off)
     max_sequence_length: int | None = None  # T5 tokens (None: the family's default)
     guidance_distilled: bool = False
+    cache: step_cache.CacheConfig | None = None  # a step cache (diffrt.step_cache); None: every call computed
 
     @property
     def cfg_scale(self) -> float:
@@ -85,7 +86,7 @@ def build(
     height: int | None = None, width: int | None = None, output_type: str = "pil", image=None,
     strength: float | None = None, mask_image=None, overlay: bool = True, spacing: str = "trailing",
     scheduler=None, progress: bool | None = None, true_cfg: float = 1.0, max_sequence_length: int | None = None,
-    **sampler_options,
+    cache=None, **sampler_options,
 ) -> Request:  # fmt: skip
     """Check a call's arguments and fill in the model's defaults.
 
@@ -103,6 +104,8 @@ def build(
     classifier-free guidance on top with the negative prompt (empty by default); 1 = off.
     ``max_sequence_length``: T5 tokens for the transformer families (longer prompts are truncated, with a
     warning; default the family's: 256 for SD3, 512 for FLUX.1).
+    ``cache``: a step cache, as a :class:`diffrt.step_cache.CacheConfig` or a string such as
+    ``"deepcache:interval=3"`` (U-Nets) or ``"fbcache:threshold=0.1"`` (transformers); None computes every call.
     """
     prompts = _prompt_list(prompt, num_images, "prompt")
     n = len(prompts)
@@ -137,7 +140,7 @@ def build(
         prompts, negatives, seeds, steps, sampler, sampler_options, float(guidance), float(guidance_rescale),
         height, width, output_type, picture, float(strength or 1.0), mask, spacing, scheduler,
         sys.stderr.isatty() if progress is None else progress, bool(overlay), float(true_cfg), max_sequence_length,
-        rules.guidance_distilled,
+        rules.guidance_distilled, step_cache.parse(cache),
     )  # fmt: skip
 
 

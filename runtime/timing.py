@@ -22,17 +22,24 @@ class StageTimes:
     vae_encode_ms: float = 0.0
     vae_decode_ms: float = 0.0
     total_ms: float = 0.0
+    full_calls: int | None = None  # under a step cache: the model calls computed fully (None: no cache)
+    cached_calls: int = 0  # ... and those that reused cached work
 
     def summary(self) -> str:
         lines = [f"text encoding   {self.text_encode_ms:9.1f} ms"]
         if self.vae_encode_ms:
             lines.append(f"vae encode      {self.vae_encode_ms:9.1f} ms")
         lines += [
-            f"denoising       {self.denoise_ms:9.1f} ms  ({self._unet_calls()})",
+            f"denoising       {self.denoise_ms:9.1f} ms  ({self._unet_calls()}{self._cache()})",
             f"vae decode      {self.vae_decode_ms:9.1f} ms",
             f"total           {self.total_ms:9.1f} ms",
         ]
         return "\n".join(lines)
+
+    def _cache(self) -> str:
+        if self.full_calls is None:
+            return ""
+        return f"; step cache: {self.full_calls} full, {self.cached_calls} cached"
 
     def _unet_calls(self) -> str:
         """Each call's time up to ``LISTED_CALLS`` calls, else their count, median and range."""

@@ -37,6 +37,7 @@ class CompileBackend(TorchBackend):
         # the denoiser (the family's: unet or transformer) and the VAE decoder
         self.compiled = {name: self._compile(name) for name in (self.family.denoiser_part, "vae_decoder")}
         self._compiled_for: set[tuple] = set()  # (graph, dtype, first input's shape) already compiled
+        self._pieces: dict[tuple[str, str], object] = {}  # step caches' passes, compiled on first use
 
     def _compile(self, graph: str):
         return torch.compile(self.modules[graph], mode=self.mode, dynamic=self.dynamic)
@@ -48,6 +49,13 @@ class CompileBackend(TorchBackend):
         if graph in self.compiled:
             self._announce(graph, inputs)
         return super().run(graph, **inputs)
+
+    def cache_piece(self, graph: str, piece: str):
+        if (graph, piece) not in self._pieces:
+            log.info("compiling the step cache's %s pass of %s with torch.compile (mode %s)", piece, graph, self.mode)
+            function = super().cache_piece(graph, piece)
+            self._pieces[graph, piece] = torch.compile(function, mode=self.mode, dynamic=self.dynamic)
+        return self._pieces[graph, piece]
 
     def _announce(self, graph: str, inputs: dict) -> None:
         """Say so when a call will compile: the first call of each graph and size takes minutes, silently.

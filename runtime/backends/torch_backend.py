@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import families
+from .. import families, step_cache
 from ..families.base import VAE_GRAPHS
 from .base import check_options
 
@@ -62,6 +62,20 @@ class TorchBackend:
         out = self.graph_module(graph)(**self.prepare(graph, inputs))
         out = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.specs[graph].output_names, out, strict=True))
+
+    @torch.inference_mode()
+    def run_cached(self, graph: str, session, **inputs) -> dict[str, torch.Tensor]:
+        """Run the denoiser ``graph`` under a step cache (:mod:`diffrt.step_cache`): the session decides what
+        this call computes and keeps what later calls reuse."""
+        if graph != self.family.denoiser_part:
+            raise ValueError(f"a step cache runs the denoiser graph {self.family.denoiser_part!r}, not {graph!r}")
+        run = step_cache.RUNNERS[session.config.kind]
+        out = run(session, lambda piece: self.cache_piece(graph, piece), self.prepare(graph, inputs))
+        return {self.specs[graph].output_names[0]: out}
+
+    def cache_piece(self, graph: str, piece: str):
+        """The graph module's function ``piece`` (a step cache's partial passes; compiled by the compile backend)."""
+        return getattr(self.modules[graph], piece)
 
 
 _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..graphspec import Dim, GraphSpec, TensorSpec
 from ..text import tokenize
+from . import unet_cache
 
 VAE_GRAPHS = ("vae_encoder", "vae_decoder")
 
@@ -48,11 +49,26 @@ class UNetGraph(nn.Module):
         self.unet = unet
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.unet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
-            timestep_cond=timestep_cond,
+            sample, timestep, encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=_added(text_embeds, time_ids), timestep_cond=timestep_cond,
         ).sample  # fmt: skip
+
+    # DeepCache's two passes (diffrt.step_cache): the output and the deep feature; the output from a kept one
+    def deep_full(self, depth, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
+                  timestep_cond=None):  # fmt: skip
+        return unet_cache.full(self.unet, depth, sample, timestep, encoder_hidden_states,
+                               _added(text_embeds, time_ids), timestep_cond)  # fmt: skip
+
+    def deep_partial(self, depth, feature, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
+                     timestep_cond=None):  # fmt: skip
+        return unet_cache.partial(self.unet, depth, feature, sample, timestep, encoder_hidden_states,
+                                  _added(text_embeds, time_ids), timestep_cond)  # fmt: skip
+
+
+def _added(text_embeds, time_ids) -> dict | None:
+    """SDXL's added conditioning as the U-Net takes it (None for the other U-Nets)."""
+    return None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
 
 
 class VaeEncoderGraph(nn.Module):
@@ -237,6 +253,12 @@ class UNetFamily:
         """Whether the model samples on its scheduler's own timesteps (through ``from_diffusers``) rather than
         on diffrt's grid builders: consistency models, and the transformer families' shifted flow grids."""
         return components.is_consistency
+
+    def check_cache(self, components, config) -> None:
+        """A clear error when this model cannot run the step cache ``config`` (:mod:`diffrt.step_cache`)."""
+        if config.kind != "deepcache":
+            raise ValueError(f"cache kind {config.kind!r} is for transformers; U-Nets ({self.name}) take deepcache")
+        unet_cache.check(components.unet, config.depth)
 
 
 def guidance_embedding(guidance: float, dim: int, like: torch.Tensor) -> torch.Tensor:

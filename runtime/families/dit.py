@@ -63,6 +63,14 @@ class TransformerFamily(UNetFamily):
     def uses_scheduler_grid(self, components) -> bool:
         return True
 
+    def check_cache(self, components, config) -> None:
+        if config.kind != "fbcache":
+            raise ValueError(f"cache kind {config.kind!r} is for U-Nets; transformers ({self.name}) take fbcache")
+        blocks = len(components.transformer.transformer_blocks)
+        blocks += len(getattr(components.transformer, "single_transformer_blocks", ()))
+        if blocks < 2:
+            raise ValueError(f"fbcache needs a transformer of 2 or more blocks to skip; this one has {blocks}")
+
     def timestep_options(self, components, scheduler, steps: int, height: int, width: int) -> dict:
         """``mu`` for a scheduler with dynamic shifting (from this image's token count); the rest is the
         scheduler's own configuration (static shift, shift_terminal, karras/exponential/beta sigmas)."""

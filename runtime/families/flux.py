@@ -41,6 +41,36 @@ class FluxTransformerGraph(nn.Module):
         ).sample  # fmt: skip
         return flux_layout.unpack(out, h, w)
 
+    # fbcache's pieces (diffrt.step_cache): forward() is finish(other_blocks(first_block(...))), block by block
+    def first_block(self, sample, timestep, encoder_hidden_states, pooled_projections, guidance=None):
+        """The image tokens before and after the first block, and what the other blocks read."""
+        model = self.transformer
+        hidden = model.x_embedder(flux_layout.pack(sample))
+        steps = (timestep / 1000).to(hidden.dtype) * 1000  # as forward() hands it over and the model scales it
+        if guidance is None:
+            temb = model.time_text_embed(steps, pooled_projections)
+        else:
+            temb = model.time_text_embed(steps, guidance.to(hidden.dtype) * 1000, pooled_projections)
+        ids = torch.cat((flux_layout.text_ids_like(encoder_hidden_states), flux_layout.image_ids_like(sample)))
+        carry = {"temb": temb, "rotary": model.pos_embed(ids), "size": sample.shape[-2:]}
+        context, after = self._blocks()[0](hidden_states=hidden, temb=temb, image_rotary_emb=carry["rotary"],
+                                           encoder_hidden_states=model.context_embedder(encoder_hidden_states))
+        return hidden, after, {**carry, "context": context}
+
+    def other_blocks(self, hidden, carry):
+        context = carry["context"]
+        for block in self._blocks()[1:]:
+            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=carry["temb"],
+                                    image_rotary_emb=carry["rotary"])  # fmt: skip
+        return hidden
+
+    def finish(self, hidden, carry):
+        model = self.transformer
+        return flux_layout.unpack(model.proj_out(model.norm_out(hidden, carry["temb"])), *carry["size"])
+
+    def _blocks(self) -> list:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
 
 @dataclass(frozen=True)
 class FluxFamily(TransformerFamily):

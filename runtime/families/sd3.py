@@ -31,6 +31,29 @@ class SD3TransformerGraph(nn.Module):
         return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                                 pooled_projections=pooled_projections).sample  # fmt: skip
 
+    # fbcache's pieces (diffrt.step_cache): forward() is finish(other_blocks(first_block(...))), block by block
+    def first_block(self, sample, timestep, encoder_hidden_states, pooled_projections):
+        """The image tokens before and after the first block, and what the other blocks read."""
+        model = self.transformer
+        hidden = model.pos_embed(sample).contiguous()
+        temb = model.time_text_embed(timestep, pooled_projections)
+        context, after = model.transformer_blocks[0](hidden_states=hidden, temb=temb,
+                                                     encoder_hidden_states=model.context_embedder(encoder_hidden_states))
+        return hidden, after, {"temb": temb, "context": context, "size": sample.shape[-2:]}
+
+    def other_blocks(self, hidden, carry):
+        context = carry["context"]
+        for block in self.transformer.transformer_blocks[1:]:
+            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=carry["temb"])
+        return hidden
+
+    def finish(self, hidden, carry):
+        model, (height, width) = self.transformer, carry["size"]
+        hidden = model.proj_out(model.norm_out(hidden, carry["temb"]))
+        p, channels = model.config.patch_size, model.out_channels
+        tiles = hidden.reshape(hidden.shape[0], height // p, width // p, p, p, channels)
+        return torch.einsum("nhwpqc->nchpwq", tiles).reshape(hidden.shape[0], channels, height, width)
+
 
 @dataclass(frozen=True)
 class SD3Family(TransformerFamily):

@@ -41,6 +41,8 @@ def test_baseline_of_other_settings_is_refused_naming_them(tmp_path):
         fid.check_comparable(baseline, {**SETTINGS, "model": "fashion-flow"}, path)
     with pytest.raises(ValueError, match="weights: baseline 'abc', this run 'def'"):
         fid.check_comparable(baseline, {**SETTINGS, "weights": "def"}, path)
+    with pytest.raises(ValueError, match="cache: baseline None, this run 'deepcache:interval=3'"):
+        fid.check_comparable(baseline, {**SETTINGS, "cache": "deepcache:interval=3"}, path)
 
 
 def test_bad_baseline_files_are_refused(tmp_path):

@@ -31,6 +31,12 @@ def test_whole_pipeline_matches_the_torch_backend_within_one_level(tiny, ort_tin
     assert np.abs(got - expected).mean() <= 1 / 255
 
 
+def test_a_step_cache_is_refused_on_the_exported_graph(ort_tiny):
+    with pytest.raises(ValueError, match="cache= needs a torch-based backend .* the onnxruntime backend runs its "
+                                         "exported graph whole"):  # fmt: skip
+        ort_tiny(PROMPT, steps=2, cache="deepcache:interval=2")
+
+
 def test_image_to_image_runs_the_vae_encoder(tiny, ort_tiny):
     picture = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     kw = dict(steps=3, seed=2, image=picture, strength=0.6, output_type="np")

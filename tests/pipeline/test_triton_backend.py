@@ -27,6 +27,25 @@ def test_triton_backend_matches_torch(pair):
     torch.testing.assert_close(fused("a red sneaker", **kw), eager("a red sneaker", **kw), rtol=1e-4, atol=1e-4)
 
 
+def test_step_cache_runs_the_patched_modules_and_matches_torch(pair):
+    eager, fused = pair
+    kw = dict(KW, steps=3, sampler="euler", cache="deepcache:interval=2")
+    result = fused.generate("a red sneaker", **kw)
+    assert (result.stages.full_calls, result.stages.cached_calls) == (2, 1)
+    torch.testing.assert_close(result.images, eager("a red sneaker", **kw), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_a_fixed_step_cache_is_captured_with_the_loop(pair):
+    eager, fused = pair
+    kw = dict(KW, sampler="dpmpp_2m", steps=6, cache="deepcache:interval=3")
+    fused.backend.loop_capture.clear()
+    first = fused.generate("a red sneaker", **kw)
+    assert len(fused.backend.loop_capture) == 1 and first.stages.unet_calls_ms == []
+    assert (first.stages.full_calls, first.stages.cached_calls) == (3, 3)
+    torch.testing.assert_close(first.images, eager("a red sneaker", **kw), rtol=2e-3, atol=2e-3)
+
+
 def test_restore_returns_plain_modules(pair):
     from torch import nn
 
