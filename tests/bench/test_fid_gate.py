@@ -83,6 +83,17 @@ def test_default_model_meets_its_stored_baseline(tmp_path, capsys):
         "euler", 8, 200)  # fmt: skip
 
 
+def test_the_step_cache_meets_its_stored_baseline(capsys):
+    """The step cache's gate: DeepCache at interval 3 on the default model, 20 dpmpp_2m steps, 200 images."""
+    baseline = REPO / "bench" / "baselines" / "fashion-deepcache3-dpmpp_2m-20steps-200.json"
+    argv = ["bench", "fid", "--model", "fashion", "--sampler", "dpmpp_2m", "--steps", "20", "--samples", "200",
+            "--cache", "deepcache:interval=3", "--baseline", str(baseline)]  # fmt: skip
+    assert main(argv) == 0
+    assert "cache deepcache:interval=3, 200 images" in capsys.readouterr().out
+    assert main([*argv[:-4], "--cache", "deepcache:interval=4", "--baseline", str(baseline)]) == 2
+    assert "cache: baseline 'deepcache:interval=3', this run 'deepcache:interval=4'" in capsys.readouterr().err
+
+
 @needs_gate_model
 def test_one_euler_step_fails_the_gate(tmp_path):
     """A degraded sampler (one Euler step) measured under the baseline's protocol fails the verdict."""

@@ -29,7 +29,7 @@ def test_triton_backend_matches_torch(pair):
 
 def test_step_cache_runs_the_patched_modules_and_matches_torch(pair):
     eager, fused = pair
-    kw = dict(KW, steps=3, sampler="euler", cache="deepcache:interval=2")
+    kw = dict(KW, steps=3, sampler="euler", cache="deepcache:interval=2", height=32, width=32)
     result = fused.generate("a red sneaker", **kw)
     assert (result.stages.full_calls, result.stages.cached_calls) == (2, 1)
     torch.testing.assert_close(result.images, eager("a red sneaker", **kw), rtol=1e-4, atol=1e-4)
