@@ -296,8 +296,10 @@ class Pipeline:
         calls = _model_calls(start.plan)
         if capture is not None and not samplers.get(start.plan.name).stochastic and (cache is None or cache.static):
             x = self._denoise_captured(capture, req, start, calls)
-            full = None if cache is None else step_cache.static_full_calls(cache, calls)
-            tally = None if cache is None else (full, calls - full)
+            tally = None
+            if cache is not None:  # the captured schedule is fixed: count it rather than run it
+                full = step_cache.static_full_calls(cache, calls)
+                tally = (full, calls - full)
         else:
             if capture is not None:  # say why this call is slower
                 why = (f"sampler {req.sampler} draws noise per step" if cache is None or cache.static

@@ -137,14 +137,6 @@ class CacheSession:
     def scheduled_full(self) -> bool:
         return is_scheduled_full(self.config, self.call, self.total_calls)
 
-    def wants_full(self, first_residual: torch.Tensor) -> bool:
-        """fbcache: the fixed schedule, and when it is adaptive whether the first block's residual moved past
-        the threshold since the last full call (one host sync)."""
-        if self.scheduled_full():
-            return True
-        if self.config.static:
-            return False
-        return relative_change(first_residual, self.kept["first_residual"]) >= self.config.threshold
 
     def advance(self, full: bool) -> None:
         self.call += 1
@@ -187,8 +179,10 @@ def run_first_block(session: CacheSession, piece, inputs: dict) -> torch.Tensor:
     image tokens before and after the first block, and what the other blocks need), ``other_blocks(after,
     carry) -> hidden`` and ``finish(hidden, carry) -> out``."""
     before, after, carry = piece("first_block")(**inputs)
-    first_residual = after - before
-    full = session.wants_full(first_residual)
+    adaptive = not session.config.static
+    first_residual = after - before if adaptive else None  # only the threshold reads it
+    full = session.scheduled_full() or (
+        adaptive and relative_change(first_residual, session.kept["first_residual"]) >= session.config.threshold)
     if full:
         hidden = piece("other_blocks")(after, carry)
         session.kept.update(first_residual=first_residual, rest_residual=hidden - after)
