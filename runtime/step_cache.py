@@ -137,7 +137,6 @@ class CacheSession:
     def scheduled_full(self) -> bool:
         return is_scheduled_full(self.config, self.call, self.total_calls)
 
-
     def advance(self, full: bool) -> None:
         self.call += 1
         self.full_calls += int(full)
