@@ -1,5 +1,5 @@
 """``diffrt bench report``: one markdown report with tables and PNG plots, and one self-contained HTML page
-(plots embedded), from result files of the latency, throughput, samplers, fid and cache benchmarks."""
+(plots embedded), from result files of the latency, throughput, samplers, fid, cache and coldstart benchmarks."""
 
 from __future__ import annotations
 
@@ -174,9 +174,18 @@ def _cache(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
     return _table(header, rows) + ("\n\n" + said if said else ""), pngs
 
 
+def _coldstart(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    """Fresh process to first image: per setup and cache state, the wall time and its breakdown."""
+    rows = [[label, f"{c['wall_s']:.2f}", f"{c['import_s']:.2f}", f"{c['load_s']:.2f}", f"{c['first_call_s']:.2f}",
+             f"{c['write_s']:.2f}", f"{c['cli_s']:.2f}" if c.get("cli_s") is not None else "-"]
+            for label, c in record["metrics"]["setups"].items()]  # fmt: skip
+    header = ["setup/cache", "wall s", "import s", "load s", "first call s", "write s", "diffrt generate s"]
+    return _table(header, rows), []
+
+
 SECTIONS = {
     "latency": _latency, "throughput": _throughput, "samplers": _samplers, "samplers-model": _model_samplers,
-    "fid": _fid, "cache": _cache,
+    "fid": _fid, "cache": _cache, "coldstart": _coldstart,
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import deployment
 from ..artifacts import MANIFEST, locked, read_manifest, verify_graph
 from ..files import atomic_write_json
 
@@ -56,3 +57,18 @@ def update(folder: Path, what: str, change: Callable[[dict], bool]) -> dict:
         if change(manifest):
             atomic_write_json(folder / MANIFEST, manifest)
     return manifest
+
+
+def add_deployment(components, folder: Path, what: str) -> dict:
+    """Write what runs ``folder`` without the model (:mod:`diffrt.deployment`) and record it in the manifest;
+    a model that cannot be deployed keeps a graphs-only folder, with a log line saying why."""
+    reason = deployment.unsupported(components)
+    if reason is not None:
+        log.info("%s has no deployment record (%s): it runs with the model loaded beside it", what, reason)
+        return read_manifest(folder)
+
+    def change(manifest: dict) -> bool:
+        manifest["deployment"] = deployment.write(components, folder)
+        return True
+
+    return update(folder, what, change)

@@ -97,11 +97,17 @@ def export_onnx(
 ) -> dict:  # fmt: skip
     """Write one ONNX file per graph of ``pipe`` (a Pipeline or its Components) and ``manifest.json`` into
     ``out_dir``; return the manifest. Graphs already there for the same model and settings, with intact
-    files, are kept unless ``force``."""
+    files, are kept unless ``force``. Once the folder holds every graph of a deployable model it also gets
+    its deployment record (:mod:`diffrt.deployment`): ``diffrt.load(out_dir, backend="onnxruntime")`` then runs
+    it alone."""
     components = getattr(pipe, "components", pipe)
     settings = OnnxSettings(precision, opset, default_exporter(components, exporter)).resolved()
     ranges = (ranges or ShapeRanges()).resolved(components)
-    return _export_folder(components, Path(out_dir), settings, graphs, ranges, artifacts.model_hash(components), force)
+    manifest = _export_folder(components, Path(out_dir), settings, graphs, ranges, artifacts.model_hash(components),
+                              force)  # fmt: skip
+    if set(manifest["graphs"]) >= set(graph_names(components)):  # every graph there: it can run on its own
+        manifest = cache.add_deployment(components, Path(out_dir), f"the ONNX export of {components.name}")
+    return manifest
 
 
 def ensure_onnx(

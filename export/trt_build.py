@@ -171,8 +171,11 @@ def build_engines(
     device = getattr(pipe, "device", None)
     key = engine_key(mhash, precision, ranges, engine_versions(), device_signature(device), refit)
     options = dict(refit=refit, workspace_bytes=workspace_bytes, timing_cache=out_dir / "timing.cache")
-    return _engine_folder(components, out_dir, out_dir / "onnx", onnx_manifest, precision, ranges,
-                          graphs or graph_names(components), key, mhash, options, device)  # fmt: skip
+    manifest = _engine_folder(components, out_dir, out_dir / "onnx", onnx_manifest, precision, ranges,
+                              graphs or graph_names(components), key, mhash, options, device)  # fmt: skip
+    if set(manifest["graphs"]) >= set(graph_names(components)):
+        manifest = cache.add_deployment(components, out_dir, f"the TensorRT build of {components.name}")
+    return manifest
 
 
 def open_engines(folder, components=None, graphs=None, model_hash: str | None = None) -> dict:

@@ -7,10 +7,10 @@ This is the one place that knows every layer: it gives the backends what they ne
 
 from __future__ import annotations
 
-from . import backends
+from . import backends, deployment
 from .backends.base import check_options
 from .devices import resolve_device_dtype
-from .loading import load_components
+from .loading import is_named, load_components
 from .pipeline import VAE_PRECISIONS, Pipeline
 
 
@@ -22,11 +22,15 @@ def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precisi
     their names (default: float16 on CUDA, float32 on CPU); ``backend``: one of ``diffrt.backends.names()``;
     ``backend_options``: that backend's (e.g. ``providers=`` for onnxruntime, ``mode=`` for compile).
     """
+    if dtype is None and not is_named(source) and deployment.is_deployment(source):
+        dtype = deployment.precision_dtype(source)  # a deployed export runs at its own precision
     device, dtype = resolve_device_dtype(device, dtype)
     _check_backend(backend, backend_options)  # before any heavy loading
     if vae_precision not in VAE_PRECISIONS:
         raise ValueError(f"vae_precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
     components = load_components(source, dtype=dtype, device=device)
+    if components.deployed:
+        _check_deployed_backend(source, components.deployed["kind"], backend, backend_options)
     runner = create_backend(backend, components, device, dtype, **backend_options)
     return Pipeline(components, runner, device, dtype, vae_precision=vae_precision)
 
@@ -36,7 +40,9 @@ def create_backend(name: str, components, device, dtype, **options):
     module = _check_backend(name, options)
     artifact_options = {k: v for k, v in options.items() if k in getattr(module, "ARTIFACT_OPTIONS", ())}
     options = {k: v for k, v in options.items() if k in module.OPTIONS}
-    if name == "onnxruntime":
+    if components.deployed:  # its own folder, verified at load: nothing to export, diffusers never imported
+        options["artifacts"] = deployment.FolderSource(components.path, components.deployed)
+    elif name == "onnxruntime":
         from .export.sources import OnnxSource
 
         options["artifacts"] = OnnxSource(components, **artifact_options)
@@ -66,3 +72,19 @@ def _check_backend(name: str, options: dict):
 def _allowed_options(module) -> tuple[str, ...]:
     """A backend's own options and, for the exported-graph backends, those of its artifact source."""
     return (*module.OPTIONS, *getattr(module, "ARTIFACT_OPTIONS", ()))
+
+
+_DEPLOYED_BACKENDS = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
+
+
+def _check_deployed_backend(source, kind: str, backend: str, options: dict) -> None:
+    """A deployed folder holds graphs of one kind and no torch modules: only that kind's backend runs it, and
+    the options that say where artifacts come from are the folder's own."""
+    expected = _DEPLOYED_BACKENDS[kind]
+    if backend != expected:
+        raise ValueError(f"{source} is a deployed {kind} export (no torch modules): it runs on backend "
+                         f"{expected!r}, not {backend!r}")  # fmt: skip
+    given = sorted(set(options) & set(getattr(backends.module(backend), "ARTIFACT_OPTIONS", ())) - {"cache_dir"})
+    if given:
+        raise ValueError(f"{source} is a deployed export: its graphs are its own, so {', '.join(given)} cannot be "
+                         "given")  # fmt: skip

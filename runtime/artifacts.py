@@ -89,17 +89,23 @@ def _config_dict(module) -> dict:
     return {k: v for k, v in raw.items() if not k.startswith("_") and k not in _CONFIG_SKIP}
 
 
-def model_hash(components) -> str:
-    """What an export is made from: the family, each graph module's class and config, and the weights
-    fingerprint (:mod:`diffrt.fingerprint`). Paths play no part: the same weights loaded from two folders, or
-    in two float dtypes, hash the same."""
+def _graph_sources(components) -> dict:
     modules = {components.denoiser_name: components.denoiser, "vae": components.vae}
     modules.update({f"text_encoder_{i}": m for i, m in enumerate(components.text_encoders)})
-    return key_hash({
-        "format": EXPORT_FORMAT, "family": components.family,
-        "modules": {label: [type(m).__name__, _config_dict(m)] for label, m in modules.items()},
-        "weights": weights_digest(modules),
-    })  # fmt: skip
+    return modules
+
+
+def architecture(components) -> dict:
+    """The family and each graph module's class and config: what compiled code depends on (not the weights)."""
+    return {"family": components.family,
+            "modules": {label: [type(m).__name__, _config_dict(m)] for label, m in _graph_sources(components).items()}}
+
+
+def model_hash(components) -> str:
+    """What an export is made from: the architecture and the weights fingerprint (:mod:`diffrt.fingerprint`).
+    Paths play no part: the same weights loaded from two folders, or in two float dtypes, hash the same."""
+    return key_hash({"format": EXPORT_FORMAT, **architecture(components),
+                     "weights": weights_digest(_graph_sources(components))})  # fmt: skip
 
 
 def library_versions(*names: str) -> dict[str, str]:

@@ -26,6 +26,8 @@ class Components:
     defaults: dict = field(default_factory=sampling_defaults.merged)
     path: Path | None = None
     transformer: object = None
+    deployed: dict | None = None  # the verified manifest of the deployed export it came from (no torch modules)
+
 
     @property
     def denoiser(self):
@@ -63,8 +65,14 @@ class Components:
 
     @property
     def is_flow(self) -> bool:
-        return type(self.scheduler).__name__.startswith("FlowMatch")
+        return class_name(self.scheduler).startswith("FlowMatch")
 
     @property
     def is_consistency(self) -> bool:
-        return type(self.scheduler).__name__ == "LCMScheduler"
+        return class_name(self.scheduler) == "LCMScheduler"
+
+
+def class_name(part) -> str:
+    """The diffusers/transformers class of a model part: its own, or the one a deployed export recorded for it
+    (:mod:`diffrt.deployment` stands in config-only objects for the modules it does not build)."""
+    return getattr(part, "class_name", None) or type(part).__name__

@@ -1,5 +1,5 @@
-"""Model sources -> :class:`~diffrt.components.Components`: an embedded model or a preset (by name), or a
-local diffusers folder.
+"""Model sources -> :class:`~diffrt.components.Components`: an embedded model or a preset (by name), a local
+diffusers folder, or a deployed export folder (:mod:`diffrt.deployment`: config-only parts, no torch modules).
 
 Names win over folders: load a local folder called ``fashion`` as ``./fashion``. Loading is offline, reads
 safetensors only (never pickle) and never runs remote code. The names below stay importable from here for
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import embedded, families, folders, presets
+from . import deployment, embedded, families, folders, presets
 from .components import Components
 from .defaults import BUILTIN as BUILTIN_DEFAULTS
 from .defaults import DEFAULTS_FILE
@@ -24,12 +24,17 @@ FAMILIES = {cls: family.name for family in families.FAMILIES.values() for cls in
 TEXT_ENCODER_CLASSES = tuple(dict.fromkeys(c for f in families.FAMILIES.values() for c in f.text_encoder_classes))
 
 
+def is_named(source) -> bool:
+    """Whether ``source`` names an embedded model or a preset (names win over folders of that name)."""
+    return isinstance(source, str) and (source in embedded.NAMES or source in presets.PRESETS)
+
+
 def load_components(source: str | os.PathLike, dtype=None, device=None) -> Components:
     """Load ``source``; ``dtype`` is the modules' torch dtype (default: the weights' own, float32 for the
     embedded models). Presets are built on ``device`` (their random weights need no host copy)."""
-    if isinstance(source, str) and source in embedded.NAMES:
+    if is_named(source) and source in embedded.NAMES:
         return embedded.load(source, dtype)
-    if isinstance(source, str) and source in presets.PRESETS:
+    if is_named(source):
         return presets.load(source, dtype, device)
     path = Path(source)
     if not path.exists():
@@ -37,4 +42,6 @@ def load_components(source: str | os.PathLike, dtype=None, device=None) -> Compo
             f"model {str(source)!r} is neither an embedded model ({', '.join(embedded.NAMES)}), "
             f"a preset ({', '.join(presets.names())}) nor an existing folder"
         )
+    if deployment.is_deployment(path):  # an export folder: runs from its graphs alone
+        return deployment.load(path, dtype)
     return folders.load_folder(path, dtype)

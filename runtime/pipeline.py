@@ -225,7 +225,10 @@ class Pipeline:
             return samplers.from_diffusers(req.scheduler, req.steps, **self._timestep_options(req.scheduler, req))
         if self.family.uses_scheduler_grid(components):
             # consistency models: the LCM scheduler's own timesteps; SD3/FLUX: their shifted flow grids
-            _, grid, _ = samplers.from_diffusers(scheduler, req.steps, **self._timestep_options(scheduler, req))
+            options = self._timestep_options(scheduler, req)
+            tabulated = getattr(scheduler, "tabulated_grid", None)  # a deployed export's, read off diffusers at export
+            grid = tabulated(req.steps, options) if tabulated else samplers.from_diffusers(scheduler, req.steps,
+                                                                                            **options)[1]  # fmt: skip
             return req.sampler, grid, req.sampler_options
         if components.is_flow:
             return req.sampler, flow_grid(req.steps, shift=scheduler.config.get("shift", 1.0)), req.sampler_options

@@ -79,3 +79,65 @@ def _warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
         which = "prompt is" if len(prompts) == 1 else f"{len(long)} of {len(prompts)} distinct prompts are"
         log.warning("%s longer than the text encoder's %d tokens: up to %d tokens dropped (%r...)",
                     which, max_length, n - max_length, prompt[:40])  # fmt: skip
+
+
+class SavedTokenizer:
+    """A fast tokenizer read back from its ``tokenizers`` JSON, called as the pipeline calls transformers'
+    tokenizers (:func:`tokenize`): padded to a fixed length with the model's pad token, truncated before the
+    special tokens are added, so the ids equal the transformers tokenizer it was saved from. A deployed export
+    (:mod:`diffrt.deployment`) tokenizes with it, without importing transformers."""
+
+    def __init__(self, tokenizer_json: str, model_max_length: int, pad_id: int, pad_token: str):
+        from tokenizers import Tokenizer
+
+        self._json, self.model_max_length = tokenizer_json, int(model_max_length)
+        self.pad_id, self.pad_token = int(pad_id), pad_token
+        self._plain = Tokenizer.from_str(tokenizer_json)
+        self._plain.no_padding()
+        self._plain.no_truncation()
+        self._fixed: dict[int, object] = {}
+
+    @classmethod
+    def from_transformers(cls, tokenizer) -> SavedTokenizer:
+        """The same tokenizer, from a transformers fast tokenizer (its ``backend_tokenizer``)."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no fast (tokenizers) backend to save")
+        return cls(backend.to_str(), tokenizer.model_max_length, tokenizer.pad_token_id, tokenizer.pad_token)
+
+    def settings(self) -> dict:
+        """What, beside the JSON, rebuilds this tokenizer."""
+        return {"model_max_length": self.model_max_length, "pad_id": self.pad_id, "pad_token": self.pad_token}
+
+    def to_str(self) -> str:
+        return self._json
+
+    def _padded(self, length: int):
+        """A copy of the tokenizer that truncates and pads to ``length`` (one per length: its state is its own)."""
+        if length not in self._fixed:
+            from tokenizers import Tokenizer
+
+            fixed = Tokenizer.from_str(self._json)
+            fixed.enable_truncation(length)
+            fixed.enable_padding(direction="right", pad_id=self.pad_id, pad_token=self.pad_token, length=length)
+            self._fixed[length] = fixed
+        return self._fixed[length]
+
+    def __call__(self, prompts: list[str], padding="max_length", max_length: int | None = None,
+                 truncation: bool = True, return_tensors: str | None = None):  # fmt: skip
+        if padding == "max_length" and truncation:
+            encodings = self._padded(max_length or self.model_max_length).encode_batch(prompts)
+        elif not padding and not truncation:
+            encodings = self._plain.encode_batch(prompts)
+        else:
+            raise ValueError(f"SavedTokenizer pads to max_length with truncation, or neither; got padding={padding!r}, "
+                             f"truncation={truncation!r}")  # fmt: skip
+        ids = [e.ids for e in encodings]
+        return _Batch(torch.tensor(ids, dtype=torch.int64) if return_tensors == "pt" else ids)
+
+
+class _Batch:
+    """The part of transformers' ``BatchEncoding`` the pipeline reads."""
+
+    def __init__(self, input_ids):
+        self.input_ids = input_ids

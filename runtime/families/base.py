@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..components import class_name
 from ..graphspec import Dim, GraphSpec, TensorSpec
 from ..text import tokenize
 from . import unet_cache
@@ -131,7 +132,7 @@ class UNetFamily:
 
     def text_outputs(self, encoder) -> tuple[bool, str | None]:
         """What a text encoder's graph returns: (penultimate hidden states?, which pooled output or None)."""
-        pooled = "text_embeds" if type(encoder).__name__.endswith("WithProjection") else None
+        pooled = "text_embeds" if class_name(encoder).endswith("WithProjection") else None
         return self.penultimate_hidden, pooled
 
     def unet_inputs(self, components) -> list[TensorSpec]:

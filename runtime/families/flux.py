@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..components import class_name
 from ..graphspec import Dim, TensorSpec
 from . import flux_layout
 from .dit import TransformerFamily, resolution_shift
@@ -85,12 +86,12 @@ class FluxFamily(TransformerFamily):
         if channels != 4 * latent:
             raise ValueError(f"{where}: the transformer takes {channels} packed channels (2x2 patches of "
                              f"{channels // 4}) but the VAE makes {latent}-channel latents: not a matching FLUX VAE")
-        kinds = [type(encoder).__name__ for encoder in components.text_encoders]
+        kinds = [class_name(encoder) for encoder in components.text_encoders]
         if len(kinds) == 1 and kinds[0] != "BertModel":
             raise ValueError(f"{where}: a FLUX folder needs its T5 encoder (text_encoder_2) beside CLIP")  # fmt: skip
 
     def text_outputs(self, encoder) -> tuple[bool, str | None]:
-        if type(encoder).__name__.startswith("CLIP"):
+        if class_name(encoder).startswith("CLIP"):
             return False, "pooler_output"
         return False, None  # T5, or the one MiniLM encoder of fashion-dit
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..components import class_name
 from ..graphspec import Dim, TensorSpec
 from .dit import TransformerFamily
 
@@ -75,7 +76,7 @@ class SD3Family(TransformerFamily):
             raise ValueError(f"{where}: SD3 needs both CLIP text encoders (text_encoder, text_encoder_2)")
 
     def text_outputs(self, encoder) -> tuple[bool, str | None]:
-        if type(encoder).__name__.startswith("T5"):
+        if class_name(encoder).startswith("T5"):
             return False, None
         return True, "text_embeds"  # CLIP-L / CLIP-G with projection: penultimate states + projected pooled
 

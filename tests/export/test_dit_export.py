@@ -22,6 +22,9 @@ def test_transformer_families_export_and_run_on_onnxruntime(preset, exporter, tm
     sample = next(i for i in graph.graph.input if i.name == "sample")
     assert all(d.dim_param for d in sample.type.tensor_type.shape.dim[:1] + sample.type.tensor_type.shape.dim[2:])
 
+    assert "deployment" not in manifest  # their flow grids need diffusers' scheduler: not deployable yet
+    with pytest.raises(ValueError, match="no deployment record.*onnx_dir="):
+        diffrt.load(tmp_path / preset, device="cpu", backend="onnxruntime")
     ort = diffrt.load(preset, device="cpu", backend="onnxruntime", onnx_dir=tmp_path / preset)
     kw = dict(steps=3, seed=[0, 1], height=48, width=64, output_type="np")
     reference = pipe(["a red sneaker", "a coat"], **kw)
