@@ -16,15 +16,12 @@ each image size; their exports carry no deployment record and load with the mode
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from . import artifacts, families
 from .components import Components, class_name
 from .files import atomic_write_bytes
 from .version import __version__
-
-log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when what deployment.json holds changes meaning; a newer one is refused by older diffrt
 DEPLOYMENT = "deployment.json"

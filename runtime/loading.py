@@ -32,9 +32,9 @@ def is_named(source) -> bool:
 def load_components(source: str | os.PathLike, dtype=None, device=None) -> Components:
     """Load ``source``; ``dtype`` is the modules' torch dtype (default: the weights' own, float32 for the
     embedded models). Presets are built on ``device`` (their random weights need no host copy)."""
-    if is_named(source) and source in embedded.NAMES:
+    if isinstance(source, str) and source in embedded.NAMES:
         return embedded.load(source, dtype)
-    if is_named(source):
+    if isinstance(source, str) and source in presets.PRESETS:
         return presets.load(source, dtype, device)
     path = Path(source)
     if not path.exists():
