@@ -2,8 +2,33 @@
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_hub_kernels() -> None:
+    """Import Hugging Face's ``kernels`` package (transformers imports it) before anything else can.
+
+    pytest puts the repository root on ``sys.path`` (for the ``tests`` package), and that root holds diffrt's
+    ``kernels/`` folder (installed as ``diffrt.kernels``): without this, ``import kernels`` inside transformers
+    would find diffrt's folder and fail. Subprocesses get PYTHONSAFEPATH, so ``python -m`` run from the root
+    does not put it on their path either.
+    """
+    os.environ["PYTHONSAFEPATH"] = "1"
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != REPO_ROOT]
+    try:
+        if importlib.util.find_spec("kernels") is not None:
+            import kernels  # noqa: F401
+    finally:
+        sys.path[:] = saved
+
+
+_import_hub_kernels()
 
 # Triton reads TRITON_INTERPRET when it is imported: set it before any test module imports triton.
 try:
