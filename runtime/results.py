@@ -38,7 +38,8 @@ def package_version(*names: str) -> str | None:
     return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), e.g. 'AMD EPYC'; numerics of CPU kernels can differ by model."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -83,7 +84,7 @@ def environment() -> dict:
     return {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         **_gpu(torch),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
