@@ -183,9 +183,16 @@ def _coldstart(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
     return _table(header, rows), []
 
 
+def _lora(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    """LoRA load / switch / unload per backend, the step with and without an adapter, and its effect."""
+    from .lora import table
+
+    return table(record["metrics"]), []
+
+
 SECTIONS = {
     "latency": _latency, "throughput": _throughput, "samplers": _samplers, "samplers-model": _model_samplers,
-    "fid": _fid, "cache": _cache, "coldstart": _coldstart,
+    "fid": _fid, "cache": _cache, "coldstart": _coldstart, "lora": _lora,
 }  # fmt: skip
 
 

@@ -14,12 +14,13 @@ from .loading import is_named, load_components
 from .pipeline import VAE_PRECISIONS, Pipeline
 
 
-def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precision: str = "auto",
+def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precision: str = "auto", loras=None,
          **backend_options) -> Pipeline:  # fmt: skip
     """Load an embedded model or a preset (by name) or a local diffusers folder as a Pipeline.
 
     ``device``: "cpu", "cuda" (default: cuda when available); ``dtype``: torch.float32/float16/bfloat16 or
     their names (default: float16 on CUDA, float32 on CPU); ``backend``: one of ``diffrt.backends.names()``;
+    ``loras``: ``{path: scale}`` or ``[(path, scale), ...]`` merged at load (``Pipeline.load_lora``);
     ``backend_options``: that backend's (e.g. ``providers=`` for onnxruntime, ``mode=`` for compile).
     """
     if dtype is None and not is_named(source) and deployment.is_deployment(source):
@@ -32,7 +33,10 @@ def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precisi
     if components.deployed:
         _check_deployed_backend(source, components.deployed["kind"], backend, backend_options)
     runner = create_backend(backend, components, device, dtype, **backend_options)
-    return Pipeline(components, runner, device, dtype, vae_precision=vae_precision)
+    pipe = Pipeline(components, runner, device, dtype, vae_precision=vae_precision)
+    for path, scale in (loras.items() if isinstance(loras, dict) else loras or ()):
+        pipe.load_lora(path, scale=scale)
+    return pipe
 
 
 def create_backend(name: str, components, device, dtype, **options):

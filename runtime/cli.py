@@ -27,6 +27,7 @@ def _add_bench(subparsers) -> None:
     from .bench import gpu_suite as bench_gpu
     from .bench import kernels as bench_kernels
     from .bench import latency as bench_latency
+    from .bench import lora as bench_lora
     from .bench import report as bench_report
     from .bench import samplers as bench_samplers
     from .bench import throughput as bench_throughput
@@ -39,6 +40,7 @@ def _add_bench(subparsers) -> None:
         (bench_report, "report", "markdown + HTML report with plots from results", FOLDER),
         (bench_fid, "fid", "quality regression gate: domain FID and adherence", FILE),
         (bench_cache, "cache", "step caching against fewer steps: time, adherence, domain FID", FILE),
+        (bench_lora, "lora", "LoRA load, switch and unload times, step cost with an adapter, its effect", FILE),
         (bench_coldstart, "coldstart", "fresh process to first image: per backend, caches cold and warm", FILE),
         (bench_gpu, "gpu", "every GPU check and measurement in one time-boxed run (a dry run without CUDA)", FOLDER),
     )
@@ -123,6 +125,12 @@ def _add_generate(subparsers) -> None:
                    "model's; longer prompts are truncated with a warning)")  # fmt: skip
     p.add_argument("--cache", default=None, help="a step cache: deepcache:interval=3[,depth=1,warmup=1] (U-Nets) "
                    "or fbcache:threshold=0.1 / fbcache:interval=2 (transformers); default: none")  # fmt: skip
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA (.safetensors, or a folder holding pytorch_lora_weights.safetensors; diffusers/PEFT "
+                        "or kohya keys) merged at SCALE (default 1); repeat for several")  # fmt: skip
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="a textual-inversion embedding (.safetensors: emb_params, clip_l/clip_g or diffusers' "
+                        "{token: vectors}); its token is the file's own, else the file name; repeatable")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="image k gets seed + k (default 0)")
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call; memory grows with it, "
@@ -140,14 +148,17 @@ def _add_generate(subparsers) -> None:
 def _generate(args) -> int:
     import time
 
-    from . import images, load, outputs
+    from . import images, load, lora, outputs
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     output = outputs.plan(args.out, args.num_images)  # before loading anything: a bad -o fails now
     pictures = {key: images.read_picture(path, f"--{key}") for key, path in (("image", args.image),
                 ("mask", args.mask)) if path}  # fmt: skip
-    pipe = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    loras = [lora.parse_spec(spec) for spec in args.lora]
+    pipe = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, loras=loras)
+    for path in args.embedding:
+        print(f"textual inversion {path}: tokens {', '.join(pipe.load_textual_inversion(path))}", file=sys.stderr)
     batches = pipe.generate_batches(
         args.prompt, args.negative, batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
         guidance=args.guidance, seed=args.seed, num_images=args.num_images, height=args.height, width=args.width,

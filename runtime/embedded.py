@@ -26,6 +26,7 @@ NAMES = defaults.EMBEDDED_MODELS
 # What `diffrt generate` uses when no model is named (the CI quality gate names fashion-flow: 8 steps are cheaper).
 DEFAULT = defaults.DEFAULT_MODEL
 VAE_NAME = "fashion-vae"
+ADAPTERS = ("fashion-lora",)  # LoRAs trained on the embedded models (``diffrt train fashion-lora``)
 CLASSIFIER_NAME = "fashion-classifier"
 OWN_FILES = ("diffrt.json", "train.json", "README.md")  # copied as they are from a trained folder
 
@@ -40,6 +41,15 @@ def folder(name: str, root: Path = MODELS_DIR) -> Path:
             f"the embedded model {name!r} is not in this installation ({path} is missing or incomplete); "
             "reinstall diffrt, or train it with `diffrt train` and ship it with `diffrt models ship`"
         )
+    return path
+
+
+def adapter_folder(name: str, root: Path = MODELS_DIR) -> Path:
+    """The shipped folder of an embedded LoRA, its checksums verified."""
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown embedded LoRA {name!r}; embedded LoRAs: {', '.join(ADAPTERS)}")
+    path = root / name
+    checksums.verify(path)
     return path
 
 

@@ -18,6 +18,23 @@ from pathlib import Path
 TEMP_PREFIX = ".tmp-"
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+def safetensors_file(path, folder_file: str, what: str) -> Path:
+    """The safetensors file of ``what`` given as a file or as a folder holding ``folder_file``; pickle files
+    are refused (diffrt never unpickles)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / folder_file
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path} is a pickle file ({path.suffix}): diffrt never unpickles; convert it to "
+                         ".safetensors (safetensors.torch.save_file) and load that")  # fmt: skip
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} file at {path} (a .safetensors file, or a folder holding {folder_file})")
+    return path
+
+
 def read_json_object(path: str | os.PathLike, holds: str = "a JSON object") -> dict:
     """The JSON object in ``path``; a ValueError naming the file when it is not JSON or not an object.
     ``holds`` says what the object is, for that message."""

@@ -16,6 +16,7 @@ EXTRAS = {
     "triton": "diffrt[gpu]",
     "tensorrt": "diffrt[gpu]",
     "torch_fidelity": "torch-fidelity",
+    "peft": "diffrt[lora]",
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import denoisers, families, memory, request, samplers, step_cache
+from . import denoisers, families, inversion, lora, memory, request, samplers, step_cache
 from .devices import DTYPE_NAMES, resolve_device, resolve_device_dtype  # noqa: F401  (resolve_*: earlier home)
 from .families.base import guidance_embedding  # noqa: F401  (earlier home)
 from .images import OUTPUT_TYPES, convert, image_tensor, latent_mask, to_tensor  # noqa: F401
@@ -71,6 +71,7 @@ class Pipeline:
         self.stages = StageTimes()
         self.last_seeds: list[int] = []
         self._lock = threading.Lock()
+        self._adapters: lora.Adapters | None = None
 
     # ------------------------------------------------------------------------------------ info
     @property
@@ -108,6 +109,45 @@ class Pipeline:
             f"Pipeline({self.components.name!r}, family={self.components.family}, backend={self.backend.name}, "
             f"device={self.device}, dtype={self.dtype}{weights})"
         )
+
+    # ------------------------------------------------------------------------------------ LoRA
+    @property
+    def loras(self) -> dict[str, dict]:
+        """The loaded LoRAs: ``{name: {path, scale, ranks, layers, parts}}``."""
+        return self._adapters.info() if self._adapters else {}
+
+    def load_lora(self, path, name: str | None = None, scale: float = 1.0) -> str:
+        """Merge the LoRA at ``path`` (a .safetensors file, or a folder holding pytorch_lora_weights.safetensors;
+        diffusers/PEFT or kohya keys) into the weights at ``scale``; returns its name (default: the file's)."""
+        with self._lock:
+            return self._lora_adapters().load(path, name, scale).name
+
+    def set_loras(self, scales: dict[str, float]) -> None:
+        """Set the scales of loaded LoRAs by name (0 disables one): only the touched weights are rewritten."""
+        with self._lock:
+            self._lora_adapters().set(scales)
+
+    def unload_lora(self, name: str) -> None:
+        """Remove a LoRA: the weights it touched go back to what the others (or the base model) make them."""
+        with self._lock:
+            self._lora_adapters().unload(name)
+
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Add a textual-inversion embedding (safetensors: ``emb_params``, SDXL ``clip_l``/``clip_g``, or
+        diffusers' ``{token: vectors}``); returns its tokens (default token: the file's own, else its name)."""
+        if not getattr(self.backend, "adds_tokens", False):
+            raise ValueError(f"the {self.backend.name} backend runs exported text encoders with a fixed vocabulary: "
+                             "load textual inversions with the torch, compile or triton backend")  # fmt: skip
+        with self._lock:
+            return inversion.load(self.components, path, token)
+
+    def _lora_adapters(self) -> lora.Adapters:
+        if self._adapters is None:
+            write = getattr(self.backend, "write_weights", None)
+            if write is None:
+                raise ValueError(f"the {self.backend.name} backend cannot replace weights, so it takes no LoRA")
+            self._adapters = lora.Adapters(self.components, write)
+        return self._adapters
 
     # ------------------------------------------------------------------------------------ call
     def __call__(self, prompt, negative_prompt=None, **options):

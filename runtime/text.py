@@ -61,6 +61,21 @@ def character_t5_tokenizer(vocab_size: int = T5_VOCAB_SIZE, max_length: int = 51
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
+def expand_added_tokens(prompt: str, tokenizer) -> str:
+    """``prompt`` with each multi-vector textual-inversion token ``T`` of ``tokenizer`` written as
+    ``T T_1 ... T_{n-1}`` (its vectors are separate tokens; diffusers' ``maybe_convert_prompt`` does the same)."""
+    added = getattr(tokenizer, "added_tokens_encoder", None)
+    if not added or not any(token.endswith("_1") for token in added):  # no multi-vector token: nothing to do
+        return prompt
+    for token in set(tokenizer.tokenize(prompt)):
+        if token in added and f"{token}_1" in added:
+            count = 1
+            while f"{token}_{count}" in added:
+                count += 1
+            prompt = prompt.replace(token, " ".join([token] + [f"{token}_{i}" for i in range(1, count)]))
+    return prompt
+
+
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None, warn: bool = True) -> torch.Tensor:
     """Token ids padded to the encoder's length; longer prompts are truncated, with one warning for the call
     however many images share the prompt (``warn=False``: none, e.g. for a model's second tokenizer)."""

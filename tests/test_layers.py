@@ -32,7 +32,8 @@ CORE = ("diffrt.version", "diffrt.lazy", "diffrt.schedules", "diffrt.denoisers",
 RUNTIME = ("diffrt.components", "diffrt.families", "diffrt.graphspec", "diffrt.loading", "diffrt.folders",
            "diffrt.presets", "diffrt.embedded", "diffrt.minilm", "diffrt.fashion", "diffrt.pipeline",
            "diffrt.request", "diffrt.images", "diffrt.timing", "diffrt.backends", "diffrt.graphs",
-           "diffrt.artifacts", "diffrt.memory", "diffrt.outputs", "diffrt.step_cache", "diffrt.deployment")  # fmt: skip
+           "diffrt.artifacts", "diffrt.memory", "diffrt.outputs", "diffrt.step_cache", "diffrt.deployment",
+           "diffrt.lora", "diffrt.inversion")  # fmt: skip
 EXPORT = ("diffrt.export", "diffrt.kernels")
 ASSEMBLY = ("diffrt.api",)
 TOOLS = ("diffrt.bench", "diffrt.train")

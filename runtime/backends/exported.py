@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import families
+from .. import families, lora
 from ..families.base import VAE_GRAPHS
 
 
@@ -30,6 +30,7 @@ class ExportedBackend:
         self.loop_capture = None
         self._folders: dict[str, tuple[Path, dict]] = {}
         self._runners: dict[str, object] = {}
+        self._initializers: dict[str, InitializerIndex] = {}
         self._folder(precision, list(self.specs))  # export/build or verify now, so errors come at load time
 
     def open_all(self) -> None:
@@ -74,3 +75,75 @@ class ExportedBackend:
         self.vae_precision = "fp32"
         for graph in VAE_GRAPHS:
             self._runners.pop(graph, None)
+
+    # ------------------------------------------------------------------------------------ LoRA weights
+    def write_weights(self, part: str, weights: dict[str, torch.Tensor]) -> None:
+        """Put ``{layer path: weight}`` of ``part`` into its exported graph without re-exporting: each layer's
+        ONNX initializer is found by its content (the torch module keeps the base weights) and replaced by the
+        subclass's ``replace_initializers(graph, {name: array}, restored)`` (restored: names back at base)."""
+        graph = part
+        if graph not in self.specs:
+            raise ValueError(f"this model has no graph {graph!r} to write LoRA weights into; it has {list(self.specs)}")
+        index = self._initializer_index(graph)
+        arrays, restored = {}, set()
+        for module, weight in weights.items():
+            base = lora.layer(self.components, part, module)[1].weight.detach()
+            name, transposed = index.locate(base, f"{part}.{module}")
+            array = weight.detach().to("cpu", torch.float32).numpy().astype(index.dtypes[name])
+            arrays[name] = array.T.copy() if transposed else array
+            if torch.equal(weight.to(base.device, base.dtype), base):
+                restored.add(name)
+        self.replace_initializers(graph, arrays, restored)
+
+    def _initializer_index(self, graph: str) -> InitializerIndex:
+        if graph not in self._initializers:
+            self._initializers[graph] = InitializerIndex(self.onnx_file(graph))
+        return self._initializers[graph]
+
+    def onnx_file(self, graph: str) -> Path:
+        """The ONNX file whose initializers ``graph``'s runner was made from."""
+        raise NotImplementedError
+
+    def replace_initializers(self, graph: str, arrays: dict, restored: set) -> None:
+        raise NotImplementedError
+
+
+class InitializerIndex:
+    """The initializers of one ONNX file by content: exporters rename weights and store some linear layers
+    transposed (MatMul), so a torch weight is found by the digest of its bytes, as is or transposed."""
+
+    def __init__(self, path: Path):
+        import hashlib
+
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(path), load_external_data=True)
+        self.path = path
+        self.dtypes: dict[str, object] = {}
+        self._names: dict[tuple, list[str]] = {}
+        for tensor in model.graph.initializer:
+            array = numpy_helper.to_array(tensor)
+            self.dtypes[tensor.name] = array.dtype
+            key = (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).digest())
+            self._names.setdefault(key, []).append(tensor.name)
+        self._digest = lambda array: (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).digest())
+
+    def locate(self, weight: torch.Tensor, what: str) -> tuple[str, bool]:
+        """(initializer name, stored transposed) of the torch ``weight`` (of layer ``what``)."""
+        import numpy as np
+
+        values = weight.detach().to("cpu", torch.float32).numpy()
+        for dtype in dict.fromkeys(self.dtypes.values()):
+            candidates = [(values.astype(dtype), False)]
+            if values.ndim == 2:
+                candidates.append((np.ascontiguousarray(values.T.astype(dtype)), True))
+            for array, transposed in candidates:
+                names = self._names.get(self._digest(array), [])
+                if len(names) > 1:
+                    raise ValueError(f"{self.path.name}: initializers {names} all equal {what}'s weight; cannot "
+                                     "tell which one to replace")  # fmt: skip
+                if names:
+                    return names[0], transposed
+        raise ValueError(f"{self.path.name} has no initializer equal to {what}'s weight (folded or fused at export?): "
+                         "this graph cannot take a LoRA on that layer without re-exporting")  # fmt: skip

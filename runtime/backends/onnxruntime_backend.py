@@ -201,6 +201,8 @@ class OnnxRuntimeBackend(ExportedBackend):
         self.threads = threads
         self.provider_options = {PROVIDER_ALIASES.get(k, k): v for k, v in (provider_options or {}).items()}
         self.cache_dir = resolve_cache_dir(cache_dir)
+        self._overrides: dict[str, dict] = {}  # graph -> {initializer name: array} (LoRA-merged weights)
+        self._at_base: dict[str, set] = {}  # graph -> overridden names whose arrays equal the file's again
         super().__init__(components, device, dtype, artifacts, precision)
         log.info("onnxruntime backend: %s graphs on %s", self.precision, " > ".join(self.providers))
         self.open_all()
@@ -208,9 +210,21 @@ class OnnxRuntimeBackend(ExportedBackend):
     def open_runner(self, folder: Path, manifest: dict, graph: str) -> _Session:
         record = manifest["graphs"][graph]
         provider_options = [self._provider_options(p, record, manifest) for p in self.providers]
-        session = ort_session(folder / record["onnx"]["file"], self.providers, session_options(self.threads),
-                              provider_options)  # fmt: skip
+        options, keep = session_options(self.threads), []
+        overrides = self._overrides.get(graph, {})
+        if overrides:
+            import onnxruntime as ort
+
+            # the layout pass of level ALL (NCHWc on the CPU) reorders convolution weights from the file's
+            # initializers and ignores overrides (measured with ORT 1.32): stop one level below it
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options.add_session_config_entry("session.disable_prepacking", "1")  # run from the buffers themselves
+            for name, array in overrides.items():
+                keep.append(ort.OrtValue.ortvalue_from_numpy(array))  # the session reads it: it must outlive it
+                options.add_initializer(name, keep[-1])
+        session = ort_session(folder / record["onnx"]["file"], self.providers, options, provider_options)
         wrapped = _Session(session, self.specs[graph], self.device)
+        wrapped.initializers = keep
         log.info("onnxruntime: %s (%s) runs on %s", graph, manifest["precision"], wrapped.provider)
         return wrapped
 
@@ -219,6 +233,32 @@ class OnnxRuntimeBackend(ExportedBackend):
         cache = self.cache_dir / "ort-tensorrt" / f"{manifest['model']['hash'][:16]}-{precision}"
         user = self.provider_options.get(provider, {})
         return provider_options(provider, record["profile_shapes"], precision, self.device.index or 0, cache, user)
+
+    def onnx_file(self, graph: str) -> Path:
+        folder, manifest = self.folder(self.graph_precision(graph))
+        return folder / manifest["graphs"][graph]["onnx"]["file"]
+
+    def replace_initializers(self, graph: str, arrays: dict, restored: set) -> None:
+        """Give ``graph``'s session the initializers ``arrays`` in place of the file's (no re-export; the file is
+        unchanged). A CPU session reads overriding buffers where they are, so weights it already overrides are
+        rewritten in place (a switch opens nothing); new ones, or a GPU session, get a new session. Once every
+        override is back at the base weights, the session is the file's own again."""
+        current = self._overrides.setdefault(graph, {})
+        at_base = self._at_base.setdefault(graph, set())
+        at_base.difference_update(arrays)
+        at_base.update(restored)
+        if current.keys() | arrays.keys() <= at_base:
+            self._overrides[graph], self._at_base[graph] = {}, set()  # nothing adapted any more
+        elif set(arrays) <= set(current) and self.runner(graph).provider == "CPUExecutionProvider":
+            import numpy as np
+
+            for name, array in arrays.items():
+                np.copyto(current[name], array)
+            return
+        else:
+            current.update({name: array.copy() for name, array in arrays.items()})
+        self._runners.pop(graph, None)
+        self.runner(graph)
 
     def session_provider(self, graph: str) -> str:
         """The execution provider that runs ``graph`` (opening its session if needed)."""

@@ -177,11 +177,31 @@ class TensorRTBackend(ExportedBackend):
         return _Engine(self.trt, self.runtime, folder / record["engine"]["file"], self.specs[graph], record,
                        self.device, self.cuda_graphs, self.max_graphs)  # fmt: skip
 
+    def onnx_file(self, graph: str) -> Path:
+        """The base model's ONNX export the engine of ``graph`` was built from (the export cache's)."""
+        self._check_refittable()
+        return self.artifacts.refit_onnx(self.components, graph, self.graph_precision(graph))
+
+    def replace_initializers(self, graph: str, arrays: dict, restored: set) -> None:
+        """Refit the touched weights of ``graph``'s engine by their ONNX initializer names (LoRAs)."""
+        engine = self.runner(graph)
+        logger = self.trt.Logger(self.trt.Logger.WARNING)
+        refitter = self.trt.Refitter(engine.engine, logger)
+        for name, array in arrays.items():
+            if not refitter.set_named_weights(name, self.trt.Weights(array)):
+                raise ValueError(f"TensorRT has no refittable weight {name!r} in {engine.path.name}")
+        if not refitter.refit_cuda_engine():
+            raise ValueError(f"TensorRT rejected the new weights of {engine.path.name}")
+        engine.captured.clear()  # graphs captured before the refit may hold the old weights' launches
+
+    def _check_refittable(self) -> None:
+        if not getattr(self.artifacts, "refit", False):
+            raise ValueError("engines were built without refit, so they take no LoRA: load with refit=True")
+
     def refit(self, components) -> None:
         """Swap in the weights of ``components`` (same architecture, e.g. merged LoRA) without rebuilding:
         every loaded engine is refitted from the ONNX export of the new weights (made through the cache)."""
-        if not getattr(self.artifacts, "refit", False):
-            raise ValueError("engines were built without refit: create the backend with refit=True")
+        self._check_refittable()
         for graph, engine in self._runners.items():
             engine.refit(self.artifacts.refit_onnx(components, graph, self.graph_precision(graph)))
         self.components = components

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import families, step_cache
+from .. import families, lora, step_cache
 from ..families.base import VAE_GRAPHS
 from .base import check_options
 
@@ -21,6 +21,7 @@ def is_available() -> tuple[bool, str]:
 
 class TorchBackend:
     name = "torch"
+    adds_tokens = True  # runs the text encoders' own modules: textual inversions add rows to them
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.components = components
@@ -39,6 +40,11 @@ class TorchBackend:
         """Keep the VAE in float32 from now on (fp16 VAEs overflow on some latents: black/NaN images)."""
         self.components.vae.to(torch.float32)
         self.vae_dtype = torch.float32
+
+    def write_weights(self, part: str, weights: dict[str, torch.Tensor]) -> None:
+        """Copy ``{layer path: weight}`` into ``part``'s parameters in place (LoRAs): compiled code and captured
+        loops read the same storage, so nothing is recompiled or re-captured."""
+        lora.write_into_modules(self.components, part, weights)
 
     def graph_module(self, graph: str):
         """What runs ``graph`` (the compile backend swaps in compiled modules)."""

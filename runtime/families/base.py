@@ -16,7 +16,7 @@ from torch import nn
 
 from ..components import class_name
 from ..graphspec import Dim, GraphSpec, TensorSpec
-from ..text import tokenize
+from ..text import expand_added_tokens, tokenize
 from . import unet_cache
 
 VAE_GRAPHS = ("vae_encoder", "vae_decoder")
@@ -109,6 +109,16 @@ class UNetFamily:
     denoiser_classes: tuple[str, ...] = ("UNet2DConditionModel",)
     optional_parts: tuple[str, ...] = ()  # text encoders a folder may leave out (SD3's T5)
     onnx_exporter: str = "torchscript"  # torch.onnx's exporter that keeps this family's graphs dynamic
+    lora_block_names: bool = False  # kohya LoRAs of this family name U-Net blocks as SGM does (SDXL)
+
+    def lora_state_dict(self, components, state_dict: dict) -> tuple[dict, dict | None]:
+        """A LoRA state dict in diffusers' naming and its kohya alphas (None for diffusers/PEFT files), by the
+        family's own diffusers pipeline class (``lora_state_dict`` converts kohya/A1111 keys)."""
+        import diffusers
+
+        pipeline = getattr(diffusers, self.save_class)
+        options = {"unet_config": components.unet.config} if self.lora_block_names else {}
+        return pipeline.lora_state_dict(dict(state_dict), **options)
 
     def check_components(self, components, where) -> None:
         """A clear error for parts that load but do not fit together (checked once, at load)."""
@@ -217,7 +227,8 @@ class UNetFamily:
         per encoder, the padded token count (None: its tokenizer's) and whether to warn on truncation."""
         lengths = lengths or [(None, k == 0) for k in range(len(components.tokenizers))]
         graphs = zip(self.text_graphs(components), components.tokenizers, lengths, strict=True)
-        return [run(graph, input_ids=tokenize(tokenizer, prompts, length, warn=warn).to(device))
+        return [run(graph, input_ids=tokenize(tokenizer, [expand_added_tokens(p, tokenizer) for p in prompts], length,
+                                              warn=warn).to(device))
                 for graph, tokenizer, (length, warn) in graphs]  # fmt: skip
 
     def encode(self, run, components, prompts: list[str], height: int, width: int, device,

@@ -48,4 +48,5 @@ SDXL = SDXLFamily(
     index_extras={"force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
                   "feature_extractor": [None, None]},
     penultimate_hidden=True,
+    lora_block_names=True,
 )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-KINDS = ("vae", "fashion", "fashion-flow", "fashion-lcm", "fashion-dit", "classifier")
+KINDS = ("vae", "fashion", "fashion-flow", "fashion-lcm", "fashion-dit", "fashion-lora", "classifier")
 # options that only some kinds take (each kind's settings field of the same name)
 KIND_OPTIONS = {
     "vae": ("fashion", "fashion-flow", "fashion-dit"),
@@ -14,9 +14,12 @@ KIND_OPTIONS = {
     "beta_schedule": ("fashion",),
     "teacher": ("fashion-lcm",),
     "cond_init": ("fashion-lcm",),
+    "label": ("fashion-lora",),
+    "prompt": ("fashion-lora",),
+    "rank": ("fashion-lora",),
 }
-ORDER = ("order: vae -> fashion, fashion-flow, fashion-dit (--vae) -> fashion-lcm (--teacher); classifier on "
-         "its own")
+ORDER = ("order: vae -> fashion, fashion-flow, fashion-dit (--vae) -> fashion-lcm (--teacher); fashion-lora on the "
+         "embedded fashion; classifier on its own")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta-schedule", default=None, help="fashion: VP betas, scaled_linear (default) or linear")
     parser.add_argument("--high-t-share", type=float, default=None,
                         help="fashion: share of timesteps drawn from [600, 1000) (oversampling high noise)")
+    parser.add_argument("--label", type=int, default=None, help="fashion-lora: the class the prompt turns into "
+                        "(0-9; default 3, dress)")  # fmt: skip
+    parser.add_argument("--prompt", default=None, help="fashion-lora: the neutral caption it learns")
+    parser.add_argument("--rank", type=int, default=None, help="fashion-lora: LoRA rank (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recorded setting)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -46,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_for(args):
     """The kind's settings dataclass with the given options applied; unknown-to-the-kind options refused."""
-    from . import classifier, diffusion, dit, lcm, vae
+    from . import classifier, diffusion, dit, lcm, lora, vae
 
     if args.kind == "vae":
         settings = vae.VAESettings()
@@ -56,10 +63,12 @@ def settings_for(args):
         settings = lcm.LCMSettings()
     elif args.kind == "fashion-dit":
         settings = dit.DiTSettings()
+    elif args.kind == "fashion-lora":
+        settings = lora.LoraTrainSettings()
     else:
         settings = diffusion.DiffusionSettings(objective="eps" if args.kind == "fashion" else "flow")
-    if args.size is not None and args.kind == "fashion-lcm":
-        raise ValueError("--size does not apply to fashion-lcm: the student has its teacher's architecture")
+    if args.size is not None and args.kind in ("fashion-lcm", "fashion-lora"):
+        raise ValueError(f"--size does not apply to {args.kind}: it keeps its base model's architecture")
     for option, kinds in KIND_OPTIONS.items():
         value = getattr(args, option)
         if value is None:
@@ -85,7 +94,7 @@ def settings_for(args):
 
 
 def run(args) -> int:
-    from . import classifier, diffusion, dit, lcm, vae
+    from . import classifier, diffusion, dit, lcm, lora, vae
 
     settings = settings_for(args)
     trainer = {
@@ -93,6 +102,7 @@ def run(args) -> int:
         "classifier": classifier.train_classifier,
         "fashion-lcm": lcm.train_lcm,
         "fashion-dit": dit.train_dit,
+        "fashion-lora": lora.train_lora,
         "fashion": diffusion.train_diffusion,
         "fashion-flow": diffusion.train_diffusion,
     }[args.kind]

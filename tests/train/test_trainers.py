@@ -222,3 +222,22 @@ def test_evaluate_pipeline_scores_a_model(eps_run):
     assert scores["images"] == 10 and 0 <= scores["adherence"] <= 1
     assert set(scores["adherence_per_class"]) == set(data.CLASS_NAMES)
     assert scores["fid"] >= 0 and scores["call_options"] == {"steps": "2"}
+
+
+# ----------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_trainer_writes_an_adapter_diffrt_and_its_card_read(tmp_path):
+    from diffrt.train.lora import LoraTrainSettings, train_lora
+
+    settings = smoke(LoraTrainSettings(), size="full", data_limit=600, steps=3, batch_size=16)
+    result = train_lora(tmp_path / "lora", settings, progress=False)
+    assert result.metrics["train_images"] == int((data.load_split("train", limit=600).labels == 3).sum())
+    pipe = diffrt.load("fashion", device="cpu")
+    base = pipe("a piece of clothing", steps=2, seed=0, output_type="pt")
+    assert pipe.load_lora(result.folder) == "lora"
+    assert pipe.loras["lora"]["ranks"] == [4] and pipe.loras["lora"]["parts"] == ["unet"]
+    assert not torch.equal(pipe("a piece of clothing", steps=2, seed=0, output_type="pt"), base)
+    assert "## Effect" in (result.folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="label must be a Fashion-MNIST class"):
+        train_lora(tmp_path / "bad", smoke(LoraTrainSettings(), label=12), progress=False)

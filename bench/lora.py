@@ -1,0 +1,160 @@
+"""``diffrt bench lora``: what LoRAs cost per backend: loading, switching between two, unloading, and the
+denoiser step with an adapter merged against none (interleaved, one pipeline per backend).
+
+Every adapter is merged into the weights (:mod:`diffrt.lora`), so an active one should cost nothing per step on
+the torch-based backends; on onnxruntime the overriding session runs one optimization level lower (see
+``OnnxRuntimeBackend.replace_initializers``), and the table says what that costs. For the torch backend the
+run also times PEFT's unmerged layers (the low-rank path diffusers runs) on the same U-Net, the alternative
+to merging. ``--effect LABEL`` adds the trained adapter's measured effect: the share of images the fashion
+classifier puts in class LABEL for ``--prompt``, with and without the adapter, same seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+from .harness import add_call_arguments, fill_call_defaults, percentiles, write_result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="fashion", help="embedded model, preset or diffusers folder")
+    parser.add_argument("--backend", default="torch,onnxruntime", help="comma list of backends")
+    parser.add_argument("--lora", action="append", required=True, help="a LoRA file or folder; give two to "
+                        "time switching between them (the first is used alone otherwise)")  # fmt: skip
+    add_call_arguments(parser)
+    parser.add_argument("--repeat", type=int, default=10, help="timed switches and calls per backend")
+    parser.add_argument("--prompt", default="a piece of clothing")
+    parser.add_argument("--effect", type=int, default=None, metavar="LABEL",
+                        help="also measure the first LoRA's effect: fashion-classifier share of class LABEL")
+    parser.add_argument("--samples", type=int, default=200, help="images per arm of --effect")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="lora.json", help="JSON result file")
+    parser.set_defaults(run=run)
+
+
+def _ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _step_ms(pipe, args) -> float:
+    result = pipe.generate(args.prompt, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=0)
+    return statistics.median(result.stages.unet_calls_ms)
+
+
+def measure_backend(backend: str, args) -> dict:
+    from .. import load
+
+    pipe = load(args.model, device=args.device, backend=backend)
+    fill_call_defaults(args, pipe)
+    _step_ms(pipe, args)  # warm
+    names = ["a", "b"][: len(args.lora)]
+    load_ms = [_ms(lambda n=n, p=p: pipe.load_lora(p, name=n, scale=1.0 if n == "a" else 0.0))
+               for n, p in zip(names, args.lora, strict=True)]  # fmt: skip
+    switch, base_steps, active_steps = [], [], []
+    for r in range(args.repeat):
+        if len(names) == 2:  # a -> b or b -> a: the same layers, other weights
+            on, off = ("b", "a") if r % 2 == 0 else ("a", "b")
+            switch.append(_ms(lambda on=on, off=off: pipe.set_loras({on: 1.0, off: 0.0})))
+        active_steps.append(_step_ms(pipe, args))
+        pipe.set_loras(dict.fromkeys(names, 0.0))  # nothing active: the base model
+        base_steps.append(_step_ms(pipe, args))
+        pipe.set_loras({"a": 1.0})
+    unload_ms = sum(_ms(lambda n=n: pipe.unload_lora(n)) for n in names)
+    record = {"load_ms": load_ms, "switch_ms": percentiles(switch) if switch else None, "unload_ms": unload_ms,
+              "step_ms_base": percentiles(base_steps), "step_ms_active": percentiles(active_steps)}  # fmt: skip
+    if backend == "torch":
+        record["step_ms_unmerged_peft"] = _unmerged_step_ms(pipe, args)
+    return record
+
+
+def _unmerged_step_ms(pipe, args) -> dict | None:
+    """The denoiser step with PEFT's unmerged LoRA layers (``y = W x + s B A x``) on a copy of the U-Net,
+    interleaved with the merged base: what merging saves. None without peft or for a non-PEFT file."""
+    from .. import lora, optional
+
+    if not optional.installed("peft"):
+        return None
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    tensors, settings = lora.read(args.lora[0])
+    part = pipe.components.denoiser_name
+    layers = {k.removeprefix(f"{part}."): v for k, v in tensors.items() if k.startswith(f"{part}.")}
+    unet_settings = settings.get(part)
+    if not layers or not unet_settings or not all(".lora_A." in k or ".lora_B." in k for k in layers):
+        return None
+    config = LoraConfig(r=unet_settings["r"], lora_alpha=unet_settings["lora_alpha"],
+                        target_modules=unet_settings["target_modules"])  # fmt: skip
+    original = pipe.components.unet
+    unmerged = inject_adapter_in_model(config, copy.deepcopy(original))
+    set_peft_model_state_dict(unmerged, layers)
+    module = pipe.backend.modules[pipe.family.denoiser_part]
+    timings = []
+    try:
+        for _ in range(args.repeat):
+            module.unet = unmerged
+            timings.append(_step_ms(pipe, args))
+            module.unet = original
+    finally:
+        module.unet = original
+    return percentiles(timings)
+
+
+def measure_effect(args) -> dict:
+    from .. import load
+    from .quality import adherence
+
+    pipe = load(args.model, device=args.device)
+    fill_call_defaults(args, pipe)
+    options = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=0, output_type="pt")
+    labels = [args.effect] * args.samples
+    without = adherence(_images(pipe, args, options), labels)
+    pipe.load_lora(args.lora[0], name="a")
+    with_lora = adherence(_images(pipe, args, options), labels)
+    return {"label": args.effect, "prompt": args.prompt, "samples": args.samples, "share_without": without,
+            "share_with": with_lora}  # fmt: skip
+
+
+def _images(pipe, args, options):
+    import torch
+
+    return torch.cat([result.images for result in pipe.generate_batches(args.prompt, num_images=args.samples,
+                                                                         batch_size=50, **options)])  # fmt: skip
+
+
+def run(args) -> int:
+    if not 1 <= len(args.lora) <= 2:
+        raise ValueError(f"--lora takes one or two adapters, got {len(args.lora)}")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    metrics = {"backends": {backend: measure_backend(backend, args) for backend in backends}}
+    if args.effect is not None:
+        metrics["effect"] = measure_effect(args)
+    settings = {k: getattr(args, k) for k in ("model", "lora", "steps", "sampler", "guidance", "repeat", "prompt",
+                                              "device")}  # fmt: skip
+    path = write_result(args.out, "lora", settings, metrics)
+    print(table(metrics))
+    print(f"wrote {path}")
+    return 0
+
+
+def table(metrics: dict) -> str:
+    rows = ["| backend | load ms | switch ms (p50) | unload ms | step ms base | step ms active | step ms unmerged |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, m in metrics["backends"].items():
+        switch = f"{m['switch_ms']['p50']:.1f}" if m["switch_ms"] else "-"
+        unmerged = m.get("step_ms_unmerged_peft")
+        unmerged = f"{unmerged['p50']:.2f}" if unmerged else "-"
+        loads = " / ".join(f"{v:.0f}" for v in m["load_ms"])
+        rows.append(f"| {name} | {loads} | {switch} | {m['unload_ms']:.0f} | {m['step_ms_base']['p50']:.2f} "
+                    f"| {m['step_ms_active']['p50']:.2f} | {unmerged} |")  # fmt: skip
+    effect = metrics.get("effect")
+    if effect:
+        rows.append(f"\neffect: class {effect['label']} share for {effect['prompt']!r}: {effect['share_without']:.3f} "
+                    f"without, {effect['share_with']:.3f} with ({effect['samples']} images)")
+    return "\n".join(rows)
