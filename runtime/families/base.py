@@ -109,7 +109,6 @@ class UNetFamily:
     denoiser_classes: tuple[str, ...] = ("UNet2DConditionModel",)
     optional_parts: tuple[str, ...] = ()  # text encoders a folder may leave out (SD3's T5)
     onnx_exporter: str = "torchscript"  # torch.onnx's exporter that keeps this family's graphs dynamic
-    lora_block_names: bool = False  # kohya LoRAs of this family name U-Net blocks as SGM does (SDXL)
 
     def lora_state_dict(self, components, state_dict: dict) -> tuple[dict, dict | None]:
         """A LoRA state dict in diffusers' naming and its kohya alphas (None for diffusers/PEFT files), by the
@@ -117,8 +116,12 @@ class UNetFamily:
         import diffusers
 
         pipeline = getattr(diffusers, self.save_class)
-        options = {"unet_config": components.unet.config} if self.lora_block_names else {}
-        return pipeline.lora_state_dict(dict(state_dict), **options)
+        converted = pipeline.lora_state_dict(dict(state_dict), **self.lora_options(components))
+        return converted if isinstance(converted, tuple) else (converted, None)
+
+    def lora_options(self, components) -> dict:
+        """What the family's ``lora_state_dict`` needs besides the state dict (its own pipeline's call)."""
+        return {}
 
     def check_components(self, components, where) -> None:
         """A clear error for parts that load but do not fit together (checked once, at load)."""

@@ -78,6 +78,9 @@ class FluxFamily(TransformerFamily):
     default_sequence: int = 512
     onnx_exporter: str = "dynamo"  # TorchScript tracing freezes token counts in diffusers' RoPE/attention code
 
+    def lora_options(self, components) -> dict:
+        return {"return_alphas": True}  # FluxPipeline.lora_state_dict leaves kohya alphas out unless asked
+
     def patch_size(self, components) -> int:
         return 2  # the pipeline's 2x2 packing (the transformer's own patch size is 1)
 

@@ -13,6 +13,9 @@ from .base import UNetFamily
 
 @dataclass(frozen=True)
 class SDXLFamily(UNetFamily):
+    def lora_options(self, components) -> dict:
+        return {"unet_config": components.unet.config}  # kohya SDXL files name U-Net blocks as SGM does
+
     def unet_inputs(self, components) -> list[TensorSpec]:
         cfg = components.unet.config
         b = self._latent_dims(components)[0]
@@ -48,5 +51,4 @@ SDXL = SDXLFamily(
     index_extras={"force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
                   "feature_extractor": [None, None]},
     penultimate_hidden=True,
-    lora_block_names=True,
 )  # fmt: skip

@@ -326,3 +326,36 @@ def test_a_failed_write_puts_back_the_parts_already_written(tiny_loras):
         adapters.load(tiny_loras["peft_a"])
     after = [*parts.text_encoders[0].parameters(), *parts.unet.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)) and adapters.loaded == {}
+
+
+@pytest.mark.parametrize("preset, pipeline_class", [("tiny-flux", "FluxPipeline"),
+                                                     ("tiny-sd3", "StableDiffusion3Pipeline")])  # fmt: skip
+def test_transformer_family_lora_matches_peft_unmerged_layers(preset, pipeline_class, tmp_path):
+    """The transformer families: a diffusers-format file (``transformer.`` keys) merged by diffrt gives the images
+    of the same factors run by PEFT's own unmerged LoRA layers."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    ours, reference = diffrt.load(preset, device="cpu"), diffrt.load(preset, device="cpu")
+    targets = ["to_q", "to_k", "to_v"]
+    layers = _factors(ours.components.transformer, targets, 4, 11)
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=targets)
+    save = getattr(diffusers, pipeline_class).save_lora_weights
+    save(tmp_path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict())
+    inject_adapter_in_model(config, reference.components.transformer)
+    set_peft_model_state_dict(reference.components.transformer, layers)
+    kw = dict(steps=2, guidance=3.0, height=64, width=64, output_type="np")
+    base = ours(PROMPT, seed=0, **kw)
+    ours.load_lora(tmp_path, scale=1.0)
+    images = ours(PROMPT, seed=0, **kw)
+    assert ours.loras[tmp_path.name]["parts"] == ["transformer"]
+    assert np.abs(images - reference(PROMPT, seed=0, **kw)).max() <= 1e-4 and np.abs(images - base).max() > 1e-3
+
+
+def test_onnxruntime_runs_the_shipped_lora_on_fashion_as_torch_does(tmp_path):
+    kw = dict(steps=8, seed=0, num_images=2, output_type="np")
+    ours = diffrt.load("fashion", device="cpu", backend="onnxruntime", cache_dir=tmp_path, loras={"fashion-lora": 0.8})
+    reference = diffrt.load("fashion", device="cpu", loras={"fashion-lora": 0.8})
+    assert np.abs(ours("a piece of clothing", **kw) - reference("a piece of clothing", **kw)).max() <= 1 / 255
+    ours.set_loras({"fashion-lora": 0.3})
+    reference.set_loras({"fashion-lora": 0.3})
+    assert np.abs(ours("a piece of clothing", **kw) - reference("a piece of clothing", **kw)).max() <= 1 / 255
