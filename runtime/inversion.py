@@ -54,8 +54,9 @@ def _vectors(tensor: torch.Tensor, file: Path) -> torch.Tensor:
     return tensor
 
 
-def load(components, path, token: str | None = None) -> list[str]:
-    """Add the embedding at ``path`` to ``components``' tokenizers and text encoders; its tokens."""
+def load(components, path, token: str | None = None) -> tuple[list[str], list[int]]:
+    """Add the embedding at ``path`` to ``components``' tokenizers and text encoders: its tokens and the indices
+    of the text encoders it changed."""
     own, by_encoder = read(path, len(components.text_encoders))
     token = token or own or Path(path).stem
     count = next(iter(by_encoder.values())).shape[0]
@@ -72,7 +73,7 @@ def load(components, path, token: str | None = None) -> list[str]:
                              "another token=")  # fmt: skip
     for index, vectors in by_encoder.items():
         _add(components.tokenizers[index], components.text_encoders[index], tokens, vectors)
-    return tokens
+    return tokens, sorted(by_encoder)
 
 
 def _add(tokenizer, encoder, tokens: list[str], vectors: torch.Tensor) -> None:

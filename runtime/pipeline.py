@@ -135,11 +135,24 @@ class Pipeline:
     def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
         """Add a textual-inversion embedding (safetensors: ``emb_params``, SDXL ``clip_l``/``clip_g``, or
         diffusers' ``{token: vectors}``); returns its tokens (default token: the file's own, else its name)."""
-        if not getattr(self.backend, "adds_tokens", False):
-            raise ValueError(f"the {self.backend.name} backend runs exported text encoders with a fixed vocabulary: "
-                             "load textual inversions with the torch, compile or triton backend")  # fmt: skip
+        tables = getattr(self.backend, "token_table", None)  # exported text encoders: their embedding initializer
+        if not getattr(self.backend, "adds_tokens", False) and tables is None:
+            raise ValueError(f"the {self.backend.name} backend cannot grow its text encoders' vocabulary: load "
+                             "textual inversions with the torch, compile, triton or onnxruntime backend")  # fmt: skip
+        if self.components.deployed:
+            raise ValueError("a deployed export has no text-encoder modules to add tokens to: load the model it was "
+                             "exported from")  # fmt: skip
+        encoders = self.components.text_encoders
         with self._lock:
-            return inversion.load(self.components, path, token)
+            writers = None  # located before anything changes: a graph without that initializer fails here
+            if tables is not None:
+                writers = [tables(graph, encoder.get_input_embeddings().weight)
+                           for graph, encoder in zip(self.family.text_graphs(self.components), encoders,
+                                                     strict=True)]  # fmt: skip
+            tokens, changed = inversion.load(self.components, path, token)
+            for index in changed if writers else ():
+                writers[index](encoders[index].get_input_embeddings().weight)
+            return tokens
 
     def _lora_adapters(self) -> lora.Adapters:
         if self._adapters is None:

@@ -249,7 +249,8 @@ class OnnxRuntimeBackend(ExportedBackend):
         at_base.update(restored)
         if current.keys() | arrays.keys() <= at_base:
             self._overrides[graph], self._at_base[graph] = {}, set()  # nothing adapted any more
-        elif set(arrays) <= set(current) and self.runner(graph).provider == "CPUExecutionProvider":
+        elif (set(arrays) <= set(current) and all(current[k].shape == a.shape for k, a in arrays.items())
+              and self.runner(graph).provider == "CPUExecutionProvider"):  # fmt: skip
             import numpy as np
 
             for name, array in arrays.items():
@@ -259,6 +260,20 @@ class OnnxRuntimeBackend(ExportedBackend):
             current.update({name: array.copy() for name, array in arrays.items()})
         self._runners.pop(graph, None)
         self.runner(graph)
+
+    def token_table(self, graph: str, base: torch.Tensor):
+        """A writer for ``graph``'s token-embedding table (textual inversion adds rows): its initializer is
+        found now, by the base table's content, and overridden by the grown table when the writer is called."""
+        index = self._initializer_index(graph)
+        name, transposed = index.locate(base, f"{graph}'s token embeddings")
+        if transposed:
+            raise ValueError(f"{index.path.name} stores the token embeddings transposed; it cannot grow them")
+
+        def write(table: torch.Tensor) -> None:
+            array = table.detach().to("cpu", torch.float32).numpy().astype(index.dtypes[name])
+            self.replace_initializers(graph, {name: array}, set())
+
+        return write
 
     def session_provider(self, graph: str) -> str:
         """The execution provider that runs ``graph`` (opening its session if needed)."""
