@@ -14,6 +14,9 @@ Parts (on a CUDA machine; at most about 8 minutes in all):
   dit        ``bench latency`` on flux-dev (1024 px, 28 steps, guidance 3.5, bf16) and sd35-large (1024 px, 28
              steps, CFG 3.5, bf16), torch eager (published anchor for FLUX.1-dev on an H200: diffusers SDPA
              5.58 s, + torch.compile + FlashAttention-3 3.73 s, SGLang Diffusion 3.50 s)
+  lora       ``bench lora`` on sd15 (fp16, 4 steps) on the triton backend: switching between two random rank-64
+             LoRAs on every attention projection (target <= 50 ms), with the captured loops counted before and
+             after (target: no re-capture)
 
 Without CUDA the same parts run on ``tiny`` shapes (the torch backend; bfloat16 for the parity check) and the
 CUDA-only ones are marked skipped with the reason: a dry run in well under two minutes, which CI runs.
@@ -31,9 +34,9 @@ from pathlib import Path
 
 from ..results import write_result
 
-PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity", "dit")
-LIMITS_S = {"tests": 90, "kernels": 45, "latency": 140, "compile": 90, "embedded": 25, "parity": 60,
-            "dit": 130}  # 580 s: under the 10 minutes one GPU call may run  # fmt: skip
+PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity", "dit", "lora")
+LIMITS_S = {"tests": 90, "kernels": 45, "latency": 130, "compile": 80, "embedded": 25, "parity": 60,
+            "dit": 100, "lora": 50}  # 580 s: under the 10 minutes one GPU call may run  # fmt: skip
 PARITY_TOLERANCE = {"float16": 0.05, "bfloat16": 0.1}  # max |image difference| in [0, 1] against fp32 eager
 KIND = "gpu-suite"
 
@@ -196,6 +199,18 @@ def _latency_part(out: Path, latency_runs) -> dict:
     return {"status": status, "detail": f"failed: {failed}" if failed else ", ".join(runs), "runs": runs}
 
 
+def _part_lora(out: Path, cuda: bool) -> dict:
+    result = out / "lora.json"
+    if cuda:
+        argv = ["--model", "sd15", "--backend", "triton", "--dtype", "float16", "--device", "cuda", "--random-rank",
+                "64", "--steps", "4", "--guidance", "7.5", "--repeat", "5"]  # fmt: skip
+    else:
+        argv = ["--model", "tiny", "--backend", "torch", "--device", "cpu", "--random-rank", "4", "--steps", "2",
+                "--repeat", "2"]  # fmt: skip
+    proc = _diffrt("bench", "lora", *argv, "--out", str(result))
+    return _command_part(proc, result, "rank-64 LoRA switch ms, captured loops before/after")
+
+
 def _part_embedded(out: Path, cuda: bool) -> dict:
     import torch
 
@@ -242,7 +257,7 @@ def _part_parity(out: Path, cuda: bool) -> dict:
 
 
 _PART_FUNCTIONS = {"tests": _part_tests, "kernels": _part_kernels, "latency": _part_latency,
-                   "compile": _part_compile, "embedded": _part_embedded, "parity": _part_parity,
+                   "compile": _part_compile, "embedded": _part_embedded, "parity": _part_parity, "lora": _part_lora,
                    "dit": _part_dit}  # fmt: skip
 
 

@@ -15,15 +15,21 @@ import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 
 from .harness import add_call_arguments, fill_call_defaults, percentiles, write_result
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="fashion", help="embedded model, preset or diffusers folder")
     parser.add_argument("--backend", default="torch,onnxruntime", help="comma list of backends")
-    parser.add_argument("--lora", action="append", required=True, help="a LoRA file or folder; give two to "
-                        "time switching between them (the first is used alone otherwise)")  # fmt: skip
+    parser.add_argument("--lora", action="append", default=[], help="a LoRA file or folder; give two to time "
+                        "switching between them (the first is used alone otherwise)")  # fmt: skip
+    parser.add_argument("--random-rank", type=int, default=None, metavar="R",
+                        help="instead of --lora: two random rank-R LoRAs on every attention projection of the "
+                             "model's denoiser (e.g. an SD1.5-size rank-64 switch)")  # fmt: skip
     add_call_arguments(parser)
     parser.add_argument("--repeat", type=int, default=10, help="timed switches and calls per backend")
     parser.add_argument("--prompt", default="a piece of clothing")
@@ -31,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure the first LoRA's effect: fashion-classifier share of class LABEL")
     parser.add_argument("--samples", type=int, default=200, help="images per arm of --effect")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", default="lora.json", help="JSON result file")
     parser.set_defaults(run=run)
 
@@ -49,12 +56,14 @@ def _step_ms(pipe, args) -> float:
 def measure_backend(backend: str, args) -> dict:
     from .. import load
 
-    pipe = load(args.model, device=args.device, backend=backend)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, backend=backend)
     fill_call_defaults(args, pipe)
     _step_ms(pipe, args)  # warm
     names = ["a", "b"][: len(args.lora)]
     load_ms = [_ms(lambda n=n, p=p: pipe.load_lora(p, name=n, scale=1.0 if n == "a" else 0.0))
                for n, p in zip(names, args.lora, strict=True)]  # fmt: skip
+    capture = getattr(pipe.backend, "loop_capture", None)  # the captured loops: a switch must not add any
+    graphs_before = len(capture) if capture is not None else None
     switch, base_steps, active_steps = [], [], []
     for r in range(args.repeat):
         if len(names) == 2:  # a -> b or b -> a: the same layers, other weights
@@ -66,7 +75,9 @@ def measure_backend(backend: str, args) -> dict:
         pipe.set_loras({"a": 1.0})
     unload_ms = sum(_ms(lambda n=n: pipe.unload_lora(n)) for n in names)
     record = {"load_ms": load_ms, "switch_ms": percentiles(switch) if switch else None, "unload_ms": unload_ms,
-              "step_ms_base": percentiles(base_steps), "step_ms_active": percentiles(active_steps)}  # fmt: skip
+              "step_ms_base": percentiles(base_steps), "step_ms_active": percentiles(active_steps),
+              "captured_loops": None if capture is None else {"before": graphs_before,
+                                                              "after": len(capture)}}  # fmt: skip
     if backend == "torch":
         record["step_ms_unmerged_peft"] = _unmerged_step_ms(pipe, args)
     return record
@@ -126,17 +137,60 @@ def _images(pipe, args, options):
                                                                          batch_size=50, **options)])  # fmt: skip
 
 
+def random_loras(model: str, rank: int, folder: Path, device: str) -> list[Path]:
+    """Two random rank-``rank`` LoRAs (diffusers/PEFT keys) on every attention projection of ``model``'s
+    denoiser: what a switch costs at that model's size, without a file to hand."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .. import families, presets
+    from ..loading import load_components
+
+    if model in presets.PRESETS:  # only the layer shapes are needed: built on the meta device, nothing allocated
+        denoiser = presets.build_modules(presets.PRESETS[model], device="meta")[0]
+        part = families.get(presets.PRESETS[model].family).denoiser_part
+    else:
+        components = load_components(model, dtype=torch.float32, device="cpu")
+        part, denoiser = components.denoiser_name, components.denoiser
+    projections = [(name, m) for name, m in denoiser.named_modules()
+                   if name.endswith(ATTENTION_PROJECTIONS) and isinstance(m, torch.nn.Linear)]  # fmt: skip
+    paths = []
+    for seed in (0, 1):
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for name, module in projections:
+            tensors[f"{part}.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) / 8
+            tensors[f"{part}.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) / 64
+        paths.append(folder / f"random-rank{rank}-{seed}.safetensors")
+        save_file(tensors, str(paths[-1]))
+    return paths
+
+
 def run(args) -> int:
+    import tempfile
+
+    if args.random_rank is not None:
+        if args.lora:
+            raise ValueError("give --lora files or --random-rank, not both")
+        if args.random_rank < 1:
+            raise ValueError(f"--random-rank must be >= 1, got {args.random_rank}")
+        with tempfile.TemporaryDirectory() as tmp:
+            args.lora = [str(p) for p in random_loras(args.model, args.random_rank, Path(tmp), args.device)]
+            return _run(args)
+    return _run(args)
+
+
+def _run(args) -> int:
     if not 1 <= len(args.lora) <= 2:
-        raise ValueError(f"--lora takes one or two adapters, got {len(args.lora)}")
+        raise ValueError(f"--lora takes one or two adapters (or use --random-rank), got {len(args.lora)}")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     metrics = {"backends": {backend: measure_backend(backend, args) for backend in backends}}
     if args.effect is not None:
         metrics["effect"] = measure_effect(args)
-    settings = {k: getattr(args, k) for k in ("model", "lora", "steps", "sampler", "guidance", "repeat", "prompt",
-                                              "device")}  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("model", "lora", "random_rank", "steps", "sampler", "guidance",
+                                              "repeat", "prompt", "device", "dtype")}  # fmt: skip
     path = write_result(args.out, "lora", settings, metrics)
     print(table(metrics))
     print(f"wrote {path}")

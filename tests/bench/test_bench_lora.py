@@ -46,3 +46,19 @@ def test_bench_lora_refuses_bad_arguments(tmp_path):
         bench_lora.run(_args(tmp_path, one, one, one))
     with pytest.raises(ValueError, match="--repeat must be >= 1"):
         bench_lora.run(_args(tmp_path, one, repeat=0))
+
+
+def test_random_rank_loras_cover_every_attention_projection(tmp_path):
+    from safetensors import safe_open
+
+    paths = bench_lora.random_loras("tiny", 8, tmp_path, "cpu")
+    with safe_open(str(paths[0]), "pt") as f:
+        keys = list(f.keys())
+        down = f.get_tensor(keys[0] if "lora_A" in keys[0] else keys[1])
+    assert len(paths) == 2 and down.shape[0] == 8
+    for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+        assert any(k.endswith(f".{projection}.lora_A.weight") for k in keys), projection
+    args = _args(tmp_path, random_rank=4)
+    assert bench_lora.run(args) == 0
+    with pytest.raises(ValueError, match="not both"):
+        bench_lora.run(_args(tmp_path, paths[0], random_rank=4))
