@@ -359,3 +359,13 @@ def test_onnxruntime_runs_the_shipped_lora_on_fashion_as_torch_does(tmp_path):
     ours.set_loras({"fashion-lora": 0.3})
     reference.set_loras({"fashion-lora": 0.3})
     assert np.abs(ours("a piece of clothing", **kw) - reference("a piece of clothing", **kw)).max() <= 1 / 255
+
+
+def test_triton_backend_merges_into_its_patched_modules(tiny_loras):
+    """The kernel patcher swaps in modules that share the Linear/Conv weights: a switch reaches them (interpreter
+    on the CPU)."""
+    kw = dict(steps=1, guidance=1.0, height=64, width=64, output_type="np")  # the interpreter is slow: one pass
+    ours = diffrt.load("tiny", device="cpu", backend="triton", loras={tiny_loras["peft_a"]: 0.6})
+    reference = diffrt.load("tiny", device="cpu", loras={tiny_loras["peft_a"]: -0.2})
+    ours.set_loras({"a": -0.2})
+    assert np.abs(ours(PROMPT, seed=3, **kw) - reference(PROMPT, seed=3, **kw)).max() <= 1e-4
