@@ -92,7 +92,13 @@ class Adapter:
         ranks = sorted({f.rank for f in self.factors.values()})
         parts = sorted({f.part for f in self.factors.values()})
         return {"path": str(self.path), "scale": self.scale, "ranks": ranks, "layers": len(self.factors),
-                "parts": parts}  # fmt: skip
+                "parts": parts, "targets": sorted({_layer_kind(f.module) for f in self.factors.values()})}  # fmt: skip
+
+
+def _layer_kind(module: str) -> str:
+    """A layer's name without its block path, as PEFT's target_modules name it (``to_q``, ``to_out.0``)."""
+    *parents, last = module.split(".")
+    return f"{parents[-1]}.{last}" if last.isdigit() and parents else last
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -113,7 +113,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------ LoRA
     @property
     def loras(self) -> dict[str, dict]:
-        """The loaded LoRAs: ``{name: {path, scale, ranks, layers, parts}}``."""
+        """The loaded LoRAs: ``{name: {path, scale, ranks, layers, parts, targets}}``."""
         return self._adapters.info() if self._adapters else {}
 
     def load_lora(self, path, name: str | None = None, scale: float = 1.0) -> str:

@@ -103,6 +103,7 @@ def test_two_adapters_in_both_formats_match_diffusers(tiny_folder, tiny_loras):
     for name, (path, scale) in {"a": (tiny_loras["peft_a"], 0.7), "k": (tiny_loras["kohya"], -0.5)}.items():
         assert ours.load_lora(path, name=name, scale=scale) == name
     assert ours.loras["a"]["parts"] == ["text_encoder", "unet"] and ours.loras["k"]["ranks"] == [2, 4]
+    assert ours.loras["a"]["targets"] == sorted(UNET_TARGETS + TEXT_TARGETS) and ours.loras["a"]["scale"] == 0.7
     images = ours(PROMPT, seed=4, scheduler=scheduler, **KW)
     assert np.abs(images - reference).max() <= 1e-4
     assert np.abs(images - base).max() > 0.05  # the adapters do change the images
@@ -369,3 +370,17 @@ def test_triton_backend_merges_into_its_patched_modules(tiny_loras):
     reference = diffrt.load("tiny", device="cpu", loras={tiny_loras["peft_a"]: -0.2})
     ours.set_loras({"a": -0.2})
     assert np.abs(ours(PROMPT, seed=3, **kw) - reference(PROMPT, seed=3, **kw)).max() <= 1e-4
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_refits_the_touched_weights(tiny_loras, tmp_path):
+    kw = dict(steps=2, guidance=5.0, height=64, width=64, output_type="np")
+    ours = diffrt.load("tiny", device="cuda", dtype=torch.float16, backend="tensorrt", refit=True,
+                       cache_dir=tmp_path)  # fmt: skip
+    reference = diffrt.load("tiny", device="cuda", dtype=torch.float16)
+    for pipe in (ours, reference):
+        pipe.load_lora(tiny_loras["peft_a"], name="a", scale=0.7)
+    assert np.abs(ours(PROMPT, seed=1, **kw) - reference(PROMPT, seed=1, **kw)).max() <= 2e-2
+    for pipe in (ours, reference):
+        pipe.set_loras({"a": -0.4})
+    assert np.abs(ours(PROMPT, seed=1, **kw) - reference(PROMPT, seed=1, **kw)).max() <= 2e-2
