@@ -113,8 +113,6 @@ class InitializerIndex:
     transposed (MatMul), so a torch weight is found by the digest of its bytes, as is or transposed."""
 
     def __init__(self, path: Path):
-        import hashlib
-
         import onnx
         from onnx import numpy_helper
 
@@ -125,25 +123,29 @@ class InitializerIndex:
         for tensor in model.graph.initializer:
             array = numpy_helper.to_array(tensor)
             self.dtypes[tensor.name] = array.dtype
-            key = (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).digest())
-            self._names.setdefault(key, []).append(tensor.name)
-        self._digest = lambda array: (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).digest())
+            self._names.setdefault(_content_key(array), []).append(tensor.name)
 
     def locate(self, weight: torch.Tensor, what: str) -> tuple[str, bool]:
         """(initializer name, stored transposed) of the torch ``weight`` (of layer ``what``)."""
         import numpy as np
 
         values = weight.detach().to("cpu", torch.float32).numpy()
-        for dtype in dict.fromkeys(self.dtypes.values()):
+        for dtype in dict.fromkeys(d for d in self.dtypes.values() if np.issubdtype(d, np.floating)):
             candidates = [(values.astype(dtype), False)]
             if values.ndim == 2:
                 candidates.append((np.ascontiguousarray(values.T.astype(dtype)), True))
             for array, transposed in candidates:
-                names = self._names.get(self._digest(array), [])
+                names = self._names.get(_content_key(array), [])
                 if len(names) > 1:
                     raise ValueError(f"{self.path.name}: initializers {names} all equal {what}'s weight; cannot "
                                      "tell which one to replace")  # fmt: skip
                 if names:
                     return names[0], transposed
         raise ValueError(f"{self.path.name} has no initializer equal to {what}'s weight (folded or fused at export?): "
-                         "this graph cannot take a LoRA on that layer without re-exporting")  # fmt: skip
+                         "that weight cannot be replaced without re-exporting")  # fmt: skip
+
+
+def _content_key(array) -> tuple:
+    import hashlib
+
+    return array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).digest()
