@@ -59,12 +59,13 @@ def measure_backend(backend: str, args) -> dict:
     pipe = load(args.model, device=args.device, dtype=args.dtype, backend=backend)
     fill_call_defaults(args, pipe)
     _step_ms(pipe, args)  # warm
+    unmerged = _unmerged_unet(pipe, args) if backend == "torch" else None  # copied before any merge
     names = ["a", "b"][: len(args.lora)]
     load_ms = [_ms(lambda n=n, p=p: pipe.load_lora(p, name=n, scale=1.0 if n == "a" else 0.0))
                for n, p in zip(names, args.lora, strict=True)]  # fmt: skip
     capture = getattr(pipe.backend, "loop_capture", None)  # the captured loops: a switch must not add any
     graphs_before = len(capture) if capture is not None else None
-    switch, base_steps, active_steps = [], [], []
+    switch, base_steps, active_steps, unmerged_steps = [], [], [], []
     for r in range(args.repeat):
         if len(names) == 2:  # a -> b or b -> a: the same layers, other weights
             on, off = ("b", "a") if r % 2 == 0 else ("a", "b")
@@ -72,47 +73,46 @@ def measure_backend(backend: str, args) -> dict:
         active_steps.append(_step_ms(pipe, args))
         pipe.set_loras(dict.fromkeys(names, 0.0))  # nothing active: the base model
         base_steps.append(_step_ms(pipe, args))
+        if unmerged is not None:
+            unmerged_steps.append(_step_ms_with_unet(pipe, args, unmerged))
         pipe.set_loras({"a": 1.0})
     unload_ms = sum(_ms(lambda n=n: pipe.unload_lora(n)) for n in names)
-    record = {"load_ms": load_ms, "switch_ms": percentiles(switch) if switch else None, "unload_ms": unload_ms,
-              "step_ms_base": percentiles(base_steps), "step_ms_active": percentiles(active_steps),
-              "captured_loops": None if capture is None else {"before": graphs_before,
-                                                              "after": len(capture)}}  # fmt: skip
-    if backend == "torch":
-        record["step_ms_unmerged_peft"] = _unmerged_step_ms(pipe, args)
-    return record
+    return {"load_ms": load_ms, "switch_ms": percentiles(switch) if switch else None, "unload_ms": unload_ms,
+            "step_ms_base": percentiles(base_steps), "step_ms_active": percentiles(active_steps),
+            "step_ms_unmerged_peft": percentiles(unmerged_steps) if unmerged_steps else None,
+            "captured_loops": None if capture is None else {"before": graphs_before,
+                                                            "after": len(capture)}}  # fmt: skip
 
 
-def _unmerged_step_ms(pipe, args) -> dict | None:
-    """The denoiser step with PEFT's unmerged LoRA layers (``y = W x + s B A x``) on a copy of the U-Net,
-    interleaved with the merged base: what merging saves. None without peft or for a non-PEFT file."""
+def _unmerged_unet(pipe, args):
+    """A copy of the U-Net with PEFT's unmerged LoRA layers for the first adapter (``y = W x + s B A x``, what
+    diffusers runs): timed in the same rounds as the merged weights. None without peft, for a transformer
+    family or for a file without PEFT's saved settings."""
     from .. import lora, optional
 
-    if not optional.installed("peft"):
+    if not optional.installed("peft") or pipe.components.denoiser_name != "unet":
         return None
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     tensors, settings = lora.read(args.lora[0])
-    part = pipe.components.denoiser_name
-    layers = {k.removeprefix(f"{part}."): v for k, v in tensors.items() if k.startswith(f"{part}.")}
-    unet_settings = settings.get(part)
-    if not layers or not unet_settings or not all(".lora_A." in k or ".lora_B." in k for k in layers):
+    layers = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
+    saved = settings.get("unet")
+    if not layers or not saved or not all(".lora_A." in k or ".lora_B." in k for k in layers):
         return None
-    config = LoraConfig(r=unet_settings["r"], lora_alpha=unet_settings["lora_alpha"],
-                        target_modules=unet_settings["target_modules"])  # fmt: skip
-    original = pipe.components.unet
-    unmerged = inject_adapter_in_model(config, copy.deepcopy(original))
+    config = LoraConfig(r=saved["r"], lora_alpha=saved["lora_alpha"], target_modules=saved["target_modules"])
+    unmerged = inject_adapter_in_model(config, copy.deepcopy(pipe.components.unet))
     set_peft_model_state_dict(unmerged, layers)
+    return unmerged
+
+
+def _step_ms_with_unet(pipe, args, unet) -> float:
     module = pipe.backend.modules[pipe.family.denoiser_part]
-    timings = []
+    original = module.unet
+    module.unet = unet
     try:
-        for _ in range(args.repeat):
-            module.unet = unmerged
-            timings.append(_step_ms(pipe, args))
-            module.unet = original
+        return _step_ms(pipe, args)
     finally:
         module.unet = original
-    return percentiles(timings)
 
 
 def measure_effect(args) -> dict:
