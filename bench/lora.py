@@ -2,9 +2,9 @@
 denoiser step with an adapter merged against none (interleaved, one pipeline per backend).
 
 Every adapter is merged into the weights (:mod:`diffrt.lora`), so an active one should cost nothing per step on
-the torch-based backends; on onnxruntime the overriding session runs one optimization level lower (see
-``OnnxRuntimeBackend.replace_initializers``), and the table says what that costs. For the torch backend the
-run also times PEFT's unmerged layers (the low-rank path diffusers runs) on the same U-Net, the alternative
+the torch-based backends; on onnxruntime a session that overrides a convolution's weight runs one optimization
+level lower (see ``OnnxRuntimeBackend.open_runner``), and the table says what that costs. For the torch backend
+the run also times PEFT's unmerged layers (the low-rank path diffusers runs) on the same U-Net, the alternative
 to merging. ``--effect LABEL`` adds the trained adapter's measured effect: the share of images the fashion
 classifier puts in class LABEL for ``--prompt``, with and without the adapter, same seeds.
 """

@@ -110,7 +110,10 @@ class ExportedBackend:
 
 class InitializerIndex:
     """The initializers of one ONNX file by content: exporters rename weights and store some linear layers
-    transposed (MatMul), so a torch weight is found by the digest of its bytes, as is or transposed."""
+    transposed (MatMul), so a torch weight is found by the digest of its bytes, as is or transposed.
+    ``conv_weights`` names the initializers that convolutions consume."""
+
+    CONVOLUTIONS = ("Conv", "ConvTranspose")
 
     def __init__(self, path: Path):
         import onnx
@@ -124,6 +127,8 @@ class InitializerIndex:
             array = numpy_helper.to_array(tensor)
             self.dtypes[tensor.name] = array.dtype
             self._names.setdefault(_content_key(array), []).append(tensor.name)
+        self.conv_weights = {name for node in model.graph.node if node.op_type in self.CONVOLUTIONS
+                             for name in node.input if name in self.dtypes}  # fmt: skip
 
     def locate(self, weight: torch.Tensor, what: str) -> tuple[str, bool]:
         """(initializer name, stored transposed) of the torch ``weight`` (of layer ``what``)."""

@@ -1,5 +1,5 @@
-"""backend="compile": torch.compile'd U-Net and VAE decoder give the eager backend's images, and a second
-process reuses the compiled code the first saved in diffrt's cache."""
+"""backend="compile": torch.compile'd U-Net and VAE decoder give the eager backend's images (also after a LoRA
+switch, which recompiles nothing), and a second process reuses the compiled code the first saved in diffrt's cache."""
 
 import logging
 import subprocess
@@ -11,7 +11,11 @@ import torch
 import diffrt
 
 
-def test_compiled_pipeline_matches_eager(caplog, tmp_path):
+def test_compiled_pipeline_matches_eager_and_switches_loras_without_recompiling(caplog, tmp_path):
+    import torch._dynamo.utils as dynamo_utils
+
+    from diffrt.bench.lora import random_loras
+
     eager = diffrt.load("tiny", device="cpu")
     compiled = diffrt.load("tiny", device="cpu", backend="compile", cache_dir=tmp_path)
     options = dict(steps=2, sampler="dpmpp_2m", guidance=5.0, seed=3, output_type="pt", progress=False)
@@ -21,6 +25,19 @@ def test_compiled_pipeline_matches_eager(caplog, tmp_path):
     torch.testing.assert_close(ours, eager("a red sneaker", **options), rtol=1e-4, atol=1e-4)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling")]
     assert [line.split(" with")[0] for line in said] == ["compiling unet", "compiling vae_decoder"]
+
+    # LoRAs are written into the compiled modules' own parameters: switching compiles nothing new
+    first, second = random_loras("tiny", 4, tmp_path, "cpu")
+    frames = dict(dynamo_utils.counters["frames"])
+    compiled.load_lora(first, name="a", scale=1.0)
+    compiled.load_lora(second, name="b", scale=0.0)
+    compiled.set_loras({"a": 0.0, "b": 0.8})
+    switched = compiled("a red sneaker", **options)
+    assert dict(dynamo_utils.counters["frames"]) == frames and not dynamo_utils.counters["recompiles"]
+    fresh = diffrt.load("tiny", device="cpu", loras={second: 0.8})
+    expected = fresh("a red sneaker", **options)
+    assert (expected - ours).abs().max() > 1e-3  # the adapter does change the images
+    torch.testing.assert_close(switched, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_step_cache_passes_are_compiled_once_and_match_eager(caplog, tmp_path):
