@@ -9,9 +9,31 @@ Triton is required.  Without a CUDA GPU the kernels run only under the Triton in
 enables when ``TRITON_INTERPRET=1`` is set *before* this package is imported (tests do this in conftest).
 """
 
-from .attention import TritonAttnProcessor, attention, attention_config, attention_reference
-from .group_norm import GroupNormAct, group_norm, group_norm_config, group_norm_reference
-from .patch import PatchHandle, SiLULinear, patch
+import sys
+
+if __name__ == "kernels":  # imported as a top-level package, not as diffrt.kernels: see below
+    from os import path as _path
+
+    def _hand_over_to_hub_kernels() -> None:
+        """Python started in the repository root puts it on ``sys.path``, where this folder (``diffrt.kernels``)
+        shadows Hugging Face's ``kernels`` package, which transformers imports: load that one in its place."""
+        import importlib.machinery
+        import importlib.util
+
+        root = _path.dirname(_path.dirname(_path.abspath(__file__)))
+        elsewhere = [p for p in sys.path if _path.abspath(p or ".") != root]
+        spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+        if spec is None:
+            raise ImportError(f"no module named 'kernels' outside {root} (that folder is diffrt.kernels)")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module  # the import statement returns what sys.modules holds now
+        spec.loader.exec_module(module)
+
+    _hand_over_to_hub_kernels()
+else:
+    from .attention import TritonAttnProcessor, attention, attention_config, attention_reference
+    from .group_norm import GroupNormAct, group_norm, group_norm_config, group_norm_reference
+    from .patch import PatchHandle, SiLULinear, patch
 
 __all__ = [
     "GroupNormAct",

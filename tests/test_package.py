@@ -79,3 +79,21 @@ def test_the_clis_light_lists_match_the_registries():
 
     assert tuple(backends.names()) == defaults.BACKENDS
     assert embedded.NAMES == defaults.EMBEDDED_MODELS
+
+
+def test_python_started_in_the_repository_root_still_gets_hugging_faces_kernels():
+    """``python -m diffrt.cli`` (or a notebook) in the checkout puts its root on sys.path, where the ``kernels/``
+    folder (diffrt.kernels) would shadow Hugging Face's ``kernels``, which transformers imports; the folder hands
+    the name over to that package."""
+    import importlib.machinery
+    import os
+
+    if importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if p and p != str(ROOT)]) is None:
+        pytest.skip("Hugging Face's kernels package is not installed")
+    code = ("import kernels, diffrt.kernels; print(kernels.__file__); print(diffrt.kernels.__file__); "
+            "import transformers.integrations.hub_kernels")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}  # the root on the path, as for a user
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hub, ours = proc.stdout.split()
+    assert not hub.startswith(str(ROOT)) and ours == str(ROOT / "kernels" / "__init__.py")
