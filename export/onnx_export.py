@@ -277,9 +277,13 @@ def _run_exporter(module, spec, inputs: dict, path: Path, settings: OnnxSettings
         warnings.simplefilter("ignore")  # tracer warnings about Python branches: parity is checked below
         try:
             if settings.exporter == "torchscript":
+                # positional, in the spec's order: the TorchScript exporter drops keyword inputs that the forward
+                # signature does not name (a controlled U-Net's ControlNet residuals)
+                positional = tuple(inputs[name] for name in spec.input_names)
                 with torchscript_symbolics(settings.opset):
-                    torch.onnx.export(module, (), str(path), kwargs=inputs, dynamic_axes=spec.dynamic_axes(),
-                                      dynamo=False, do_constant_folding=True, **common)  # fmt: skip
+                    torch.onnx.export(_Positional(module, spec.input_names), positional, str(path),
+                                      dynamic_axes=spec.dynamic_axes(), dynamo=False, do_constant_folding=True,
+                                      **common)  # fmt: skip
             else:
                 # its registry warns about every torchvision op it cannot find: nothing here uses them
                 registry = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -295,6 +299,17 @@ def _run_exporter(module, spec, inputs: dict, path: Path, settings: OnnxSettings
             raise
         except Exception as err:  # the exporters raise many types; say which graph failed and why
             raise ExportError(f"exporting {spec.name} with the {settings.exporter} exporter failed: {err}") from err
+
+
+class _Positional(torch.nn.Module):
+    """A graph module called with its inputs in the spec's order, handed over by name."""
+
+    def __init__(self, module, names: list[str]):
+        super().__init__()
+        self.module, self.names = module, list(names)
+
+    def forward(self, *inputs):
+        return self.module(**dict(zip(self.names, inputs, strict=True)))
 
 
 def _dynamo_shapes(spec) -> dict:

@@ -7,7 +7,7 @@ This is the one place that knows every layer: it gives the backends what they ne
 
 from __future__ import annotations
 
-from . import backends, deployment
+from . import backends, control, deployment
 from .backends.base import check_options
 from .devices import resolve_device_dtype
 from .loading import is_named, load_components
@@ -15,12 +15,14 @@ from .pipeline import VAE_PRECISIONS, Pipeline
 
 
 def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precision: str = "auto", loras=None,
-         **backend_options) -> Pipeline:  # fmt: skip
+         controlnet=None, **backend_options) -> Pipeline:  # fmt: skip
     """Load an embedded model or a preset (by name) or a local diffusers folder as a Pipeline.
 
     ``device``: "cpu", "cuda" (default: cuda when available); ``dtype``: torch.float32/float16/bfloat16 or
     their names (default: float16 on CUDA, float32 on CPU); ``backend``: one of ``diffrt.backends.names()``;
     ``loras``: ``{path: scale}`` or ``[(path, scale), ...]`` merged at load (``Pipeline.load_lora``);
+    ``controlnet``: a diffusers ControlNet folder, an embedded one (``fashion-controlnet``) or a list of them
+    (calls then take ``control_image=``; see :mod:`diffrt.control`);
     ``backend_options``: that backend's (e.g. ``providers=`` for onnxruntime, ``mode=`` for compile).
     """
     if dtype is None and not is_named(source) and deployment.is_deployment(source):
@@ -30,6 +32,8 @@ def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precisi
     if vae_precision not in VAE_PRECISIONS:
         raise ValueError(f"vae_precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
     components = load_components(source, dtype=dtype, device=device)
+    if controlnet is not None:
+        components.controlnets = control.load(controlnet, components, dtype)
     if components.deployed:
         _check_deployed_backend(source, components.deployed["kind"], backend, backend_options)
     runner = create_backend(backend, components, device, dtype, **backend_options)

@@ -92,6 +92,7 @@ def _config_dict(module) -> dict:
 def _graph_sources(components) -> dict:
     modules = {components.denoiser_name: components.denoiser, "vae": components.vae}
     modules.update({f"text_encoder_{i}": m for i, m in enumerate(components.text_encoders)})
+    modules.update({f"controlnet_{i}": m for i, m in enumerate(components.controlnets)})
     return modules
 
 

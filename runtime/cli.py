@@ -131,6 +131,19 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="PATH",
                    help="a textual-inversion embedding (.safetensors: emb_params, clip_l/clip_g or diffusers' "
                         "{token: vectors}); its token is the file's own, else the file name; repeatable")  # fmt: skip
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a diffusers ControlNet folder (SD 1.x/2.x, SDXL) or an embedded one (fashion-controlnet); "
+                        "repeat for several, each with its --control-image")  # fmt: skip
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="the control picture (edge map, depth map, ...) of each --controlnet, in order")
+    p.add_argument("--control-scale", type=float, action="append", default=[], metavar="S",
+                   help="each ControlNet's scale (default 1; one value applies to all)")
+    p.add_argument("--control-start", type=float, default=0.0, help="share of the steps before the ControlNets act")
+    p.add_argument("--control-end", type=float, default=1.0, help="share of the steps after which they stop")
+    p.add_argument("--guess-mode", action="store_true", help="ControlNets on the conditional pass only, their "
+                   "residuals ramped from 0.1 to 1 (diffusers' guess mode)")  # fmt: skip
+    p.add_argument("--canny", action="store_true", help="make each --control-image a Canny edge map first "
+                   "(OpenCV: pip install 'diffrt[control]')")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="image k gets seed + k (default 0)")
     p.add_argument("-n", "--num-images", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call; memory grows with it, "
@@ -156,7 +169,9 @@ def _generate(args) -> int:
     pictures = {key: images.read_picture(path, f"--{key}") for key, path in (("image", args.image),
                 ("mask", args.mask)) if path}  # fmt: skip
     loras = [lora.parse_spec(spec) for spec in args.lora]
-    pipe = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, loras=loras)
+    control_images = _control_images(args)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, loras=loras,
+                controlnet=args.controlnet or None)  # fmt: skip
     for path in args.embedding:
         print(f"textual inversion {path}: tokens {', '.join(pipe.load_textual_inversion(path))}", file=sys.stderr)
     batches = pipe.generate_batches(
@@ -164,6 +179,7 @@ def _generate(args) -> int:
         guidance=args.guidance, seed=args.seed, num_images=args.num_images, height=args.height, width=args.width,
         image=pictures.get("image"), mask_image=pictures.get("mask"), strength=args.strength,
         true_cfg=args.true_cfg, max_sequence_length=args.max_sequence_length, cache=args.cache,
+        **_control_options(args, control_images),
     )  # fmt: skip
     kept, seeds, start = [], [], time.perf_counter()
     shown_at = start
@@ -184,6 +200,29 @@ def _generate(args) -> int:
     shown = seeds if len(seeds) <= 8 else f"{seeds[0]}..{seeds[-1]}"
     print(f"wrote {output.describe(len(seeds))}, seeds {shown}")
     return 0
+
+
+def _control_images(args) -> list:
+    """The --control-image pictures (edge maps made now with --canny), read before the model loads."""
+    from . import control, images
+
+    if args.control_image and not args.controlnet:
+        raise ValueError("--control-image needs a --controlnet")
+    if args.canny and not args.control_image:
+        raise ValueError("--canny makes an edge map of each --control-image: give one")
+    pictures = [images.read_picture(path, "--control-image") for path in args.control_image]
+    return [control.canny(p) for p in pictures] if args.canny else pictures
+
+
+def _control_options(args, pictures: list) -> dict:
+    """The pipeline's control arguments (none without --controlnet: the pipeline says what is missing)."""
+    if not args.controlnet:
+        return {}
+    one = len(args.controlnet) == 1
+    scales = args.control_scale[0] if len(args.control_scale) == 1 else args.control_scale or 1.0
+    image = (pictures[0] if one and len(pictures) == 1 else pictures) or None
+    return dict(control_image=image, controlnet_scale=scales, control_start=args.control_start,
+                control_end=args.control_end, guess_mode=args.guess_mode)
 
 
 def _samplers(args) -> int:

@@ -27,6 +27,7 @@ class Components:
     path: Path | None = None
     transformer: object = None
     deployed: dict | None = None  # the verified manifest of the deployed export it came from (no torch modules)
+    controlnets: list = field(default_factory=list)  # diffusers ControlNetModels feeding the U-Net (diffrt.control)
 
 
     @property

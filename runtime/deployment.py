@@ -84,6 +84,8 @@ def unsupported(components) -> str | None:
     if families.of(components).uses_scheduler_grid(components) and not components.is_consistency:
         return (f"the {components.family} family samples on its scheduler's flow grids, which need diffusers at "
                 f"each image size")  # fmt: skip
+    if components.controlnets:
+        return "its ControlNets are not part of a deployment record yet"
     return None
 
 

@@ -26,7 +26,9 @@ NAMES = defaults.EMBEDDED_MODELS
 # What `diffrt generate` uses when no model is named (the CI quality gate names fashion-flow: 8 steps are cheaper).
 DEFAULT = defaults.DEFAULT_MODEL
 VAE_NAME = "fashion-vae"
-ADAPTERS = ("fashion-lora",)  # LoRAs trained on the embedded models (``diffrt train fashion-lora``)
+LORAS = ("fashion-lora",)  # LoRAs trained on the embedded models (``diffrt train fashion-lora``)
+CONTROLNETS = ("fashion-controlnet",)  # ControlNets trained on them (``diffrt train fashion-controlnet``)
+ADAPTERS = LORAS + CONTROLNETS  # what adds to an embedded model rather than being one
 CLASSIFIER_NAME = "fashion-classifier"
 OWN_FILES = ("diffrt.json", "train.json", "README.md")  # copied as they are from a trained folder
 
@@ -45,9 +47,9 @@ def folder(name: str, root: Path = MODELS_DIR) -> Path:
 
 
 def adapter_folder(name: str, root: Path = MODELS_DIR) -> Path:
-    """The shipped folder of an embedded LoRA, its checksums verified."""
+    """The shipped folder of an embedded LoRA or ControlNet, its checksums verified."""
     if name not in ADAPTERS:
-        raise ValueError(f"unknown embedded LoRA {name!r}; embedded LoRAs: {', '.join(ADAPTERS)}")
+        raise ValueError(f"unknown embedded adapter {name!r}; embedded: {', '.join(ADAPTERS)}")
     path = root / name
     checksums.verify(path)
     return path

@@ -24,9 +24,12 @@ class Dim:
 
     var: str
     divisor: int = 1
+    label: str | None = None  # the axis's name in exported graphs when the default would be ambiguous
 
     @property
     def axis_name(self) -> str:
+        if self.label is not None:
+            return self.label
         return self.var if self.divisor == 1 else f"latent_{self.var}"
 
     def size(self, values: dict[str, int]) -> int:

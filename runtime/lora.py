@@ -105,7 +105,7 @@ def _layer_kind(module: str) -> str:
 def adapter_file(path) -> Path:
     """The safetensors file of a LoRA given as a file, a folder holding ``pytorch_lora_weights.safetensors`` or
     the name of an embedded one (``fashion-lora``)."""
-    if isinstance(path, str) and path in embedded.ADAPTERS:
+    if isinstance(path, str) and path in embedded.LORAS:
         path = embedded.adapter_folder(path)
     try:
         return safetensors_file(path, FOLDER_FILE, "LoRA")

@@ -43,7 +43,9 @@ class Estimate:
         return max(self.stages, key=self.stages.get)
 
 
-def _unet_bytes(config, batch: int, latent_h: int, latent_w: int, itemsize: int) -> int:
+def _unet_bytes(config, batch: int, latent_h: int, latent_w: int, itemsize: int, residual_sets: int = 0) -> int:
+    """The U-Net's skips and its widest level; ``residual_sets``: skip-sized ControlNet residuals held beside
+    them (the running sum and one ControlNet's outputs)."""
     channels = list(config.block_out_channels)
     attention = ["CrossAttn" in kind or "Attn" in kind for kind in config.down_block_types]
     layers = config.layers_per_block if isinstance(config.layers_per_block, int) else max(config.layers_per_block)
@@ -53,7 +55,7 @@ def _unet_bytes(config, batch: int, latent_h: int, latent_w: int, itemsize: int)
         skips += (layers + 1) * width * pixels
         per_element = ATTENTION_TENSORS if attention[level] else RESNET_TENSORS
         widest = max(widest, per_element * width * pixels)
-    return batch * itemsize * (skips + widest)
+    return batch * itemsize * ((1 + residual_sets) * skips + widest)
 
 
 def _vae_bytes(config, batch: int, height: int, width: int, itemsize: int) -> int:
@@ -82,7 +84,9 @@ def estimate(components, *, batch: int, height: int, width: int, dtype_size: int
     f = components.vae_scale_factor
     denoiser_batch = batch * (2 if guided else 1)
     if tokens is None:
-        denoiser = ("U-Net", _unet_bytes(components.unet.config, denoiser_batch, height // f, width // f, dtype_size))
+        residuals = 2 if components.controlnets else 0  # a ControlNet runs before the U-Net: its residuals stay
+        denoiser = ("U-Net", _unet_bytes(components.unet.config, denoiser_batch, height // f, width // f, dtype_size,
+                                         residuals))  # fmt: skip
     else:
         denoiser = ("transformer", _transformer_bytes(components.transformer.config, denoiser_batch, *tokens,
                                                       dtype_size))  # fmt: skip

@@ -17,6 +17,7 @@ EXTRAS = {
     "tensorrt": "diffrt[gpu]",
     "torch_fidelity": "torch-fidelity",
     "peft": "diffrt[lora]",
+    "cv2": "diffrt[control]",
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import denoisers, families, inversion, lora, memory, request, samplers, step_cache
+from . import control, denoisers, families, inversion, lora, memory, request, samplers, step_cache
 from .devices import DTYPE_NAMES, resolve_device, resolve_device_dtype  # noqa: F401  (resolve_*: earlier home)
 from .families.base import guidance_embedding  # noqa: F401  (earlier home)
 from .images import OUTPUT_TYPES, convert, image_tensor, latent_mask, to_tensor  # noqa: F401
@@ -48,6 +48,8 @@ class Start:
     image_latents: torch.Tensor | None = None  # image-to-image / inpainting: the encoded picture
     repaint: torch.Tensor | None = None  # latent blending (4-channel U-Nets): 1 = generate
     unet_extra: torch.Tensor | None = None  # 9-channel inpainting U-Nets: [mask, masked-image latents]
+    control_images: list[torch.Tensor] | None = None  # per ControlNet, the rows it sees (diffrt.control)
+    control_scales: torch.Tensor | None = None  # [ControlNets] float32
 
 
 class Pipeline:
@@ -101,7 +103,8 @@ class Pipeline:
         distilled = family.guidance_distilled(components) and not components.guidance_embedding_dim
         return request.Rules(components.defaults, family.size_step(components), self.min_size, self.default_size,
                              components.inpainting_unet, max_steps, distilled,
-                             family.max_sequence_length(components), family.max_size(components))  # fmt: skip
+                             family.max_sequence_length(components), family.max_size(components),
+                             len(components.controlnets))  # fmt: skip
 
     def __repr__(self):
         weights = ", RANDOM weights" if self.components.random_weights else ""
@@ -206,6 +209,8 @@ class Pipeline:
     def _check_cache(self, req: Request) -> None:
         if req.cache is None:
             return
+        if req.control is not None:
+            raise ValueError("cache= does not run with ControlNets yet: the cached passes leave out their residuals")
         if not hasattr(self.backend, "run_cached"):
             raise ValueError(f"cache= needs a torch-based backend (torch, compile, triton): the {self.backend.name} "
                              f"backend runs its exported graph whole")  # fmt: skip
@@ -306,6 +311,8 @@ class Pipeline:
             x = float(grid.alphas[0]) * image_latents + float(grid.sigmas[0]) * noise
         start = Start(samplers.prepare(name, grid, self.device, torch.float32, **options), x.to(torch.float32),
                       cond, uncond, image_latents)  # fmt: skip
+        if req.control is not None:
+            self._start_control(start, req)
         if req.mask is not None:
             mask = latent_mask(req.mask, self.vae_scale_factor, self.device)
             if self.components.inpainting_unet:  # it sees the mask itself: no blending
@@ -315,23 +322,47 @@ class Pipeline:
                 start.repaint = mask
         return start
 
+    def _start_control(self, start: Start, req: Request) -> None:
+        """The control images as the ControlNets see them: doubled for classifier-free guidance (both halves of
+        the batch), except in guess mode, where only the conditional half runs a ControlNet (as diffusers)."""
+        both = _guided(start, req) and not req.control.guess_mode
+        images = [image.to(self.device, self.dtype) for image in req.control.images]
+        start.control_images = [torch.cat([image, image]) if both else image for image in images]
+        start.control_scales = torch.tensor(req.control.scales, dtype=torch.float32, device=self.device)
+
     # ---------------------------------------------------------------------------------- denoise
-    def _unet(self, x, t, conditioning, session=None):
+    def _unet(self, x, t, conditioning, session=None, control_loop=None):
         timestep = t.to(torch.float32).expand(x.shape[0])
         inputs, graph = dict(sample=x.to(self.dtype), timestep=timestep, **conditioning), self.family.denoiser_part
+        if control_loop is not None:
+            inputs.update(control_loop.residuals(self.backend.run, inputs["sample"], timestep, conditioning))
         if session is not None:
             return self.backend.run_cached(graph, session, **inputs)["out"]
         return self.backend.run(graph, **inputs)["out"]
 
+    def _control_loop(self, settings: control.Control, calls: int, images, scales, guided: bool):
+        """A fresh :class:`~diffrt.control.ControlLoop` (its call count starts at 0) over this call's images."""
+        spec = self.backend.specs[self.family.denoiser_part]
+        residuals = [t for t in spec.inputs if t.name in self.backend.specs["controlnet_0"].output_names]
+        factor = self.vae_scale_factor
+
+        def zeros(sample):
+            values = {"batch": sample.shape[0], "height": sample.shape[2] * factor, "width": sample.shape[3] * factor}
+            return {t.name: sample.new_zeros(t.shape(values)) for t in residuals}
+
+        return control.ControlLoop(settings.keeps(calls), self.family.control_graphs(self.components), images, scales,
+                                   guess_mode=settings.guess_mode, guided=guided,
+                                   channels=self.components.latent_channels, zeros=zeros)  # fmt: skip
+
     def _loop_denoiser(self, guidance: float, rescale: float, cond, uncond, image_latents, repaint, unet_extra,
-                       session=None):  # fmt: skip
+                       session=None, control_loop=None):  # fmt: skip
         """The model as a denoiser: classifier-free guidance as one batched call, a 9-channel U-Net's extra
         inputs, the prediction type (or the consistency parametrisation), latent blending when inpainting,
-        and the step cache's ``session`` when there is one. Takes plain values, not the request: a captured
-        loop must not reach into the call that captured it."""
+        the step cache's ``session`` and the ControlNets' ``control_loop`` when there are. Takes plain values,
+        not the request: a captured loop must not reach into the call that captured it."""
 
         def unet(x, t, conditioning):
-            return self._unet(x, t, conditioning, session)
+            return self._unet(x, t, conditioning, session, control_loop)
 
         model = denoisers.guided_model(unet, cond, uncond, guidance, rescale)
         if unet_extra is not None:
@@ -373,8 +404,13 @@ class Pipeline:
         every few seconds when stderr is not a terminal)."""
         from tqdm.auto import tqdm
 
+        control_loop = None
+        if req.control is not None:
+            control_loop = self._control_loop(req.control, calls, start.control_images, start.control_scales,
+                                              _guided(start, req))  # fmt: skip
         denoiser = self._loop_denoiser(req.cfg_scale, req.guidance_rescale, start.cond, start.uncond,
-                                       start.image_latents, start.repaint, start.unet_extra, session)  # fmt: skip
+                                       start.image_latents, start.repaint, start.unet_extra, session,
+                                       control_loop)  # fmt: skip
         step_generators = [
             torch.Generator(self.device).manual_seed((s + _STEP_SEED_OFFSET) % 2**63) for s in req.seeds
         ]
@@ -403,6 +439,10 @@ class Pipeline:
             inputs.update(repaint=start.repaint, image_latents=start.image_latents)
         if start.unet_extra is not None:
             inputs["unet_extra"] = start.unet_extra
+        settings, guided = req.control, _guided(start, req)
+        if settings is not None:
+            inputs.update({f"control.image.{k}": image for k, image in enumerate(start.control_images)})
+            inputs["control.scales"] = start.control_scales
         plan, guidance, rescale, cache = start.plan, req.cfg_scale, req.guidance_rescale, req.cache
 
         def loop(**buffers):
@@ -410,13 +450,19 @@ class Pipeline:
                 return {k[len(prefix) :]: v for k, v in buffers.items() if k.startswith(prefix)} or None
 
             session = None if cache is None else step_cache.CacheSession(cache, calls)  # fresh at every capture
+            control_loop = None
+            if settings is not None:
+                images = [buffers[f"control.image.{k}"] for k in range(len(settings.images))]
+                control_loop = self._control_loop(settings, calls, images, buffers["control.scales"], guided)
             denoiser = self._loop_denoiser(guidance, rescale, part("cond."), part("uncond."),
                                            buffers.get("image_latents"), buffers.get("repaint"),
-                                           buffers.get("unet_extra"), session)  # fmt: skip
+                                           buffers.get("unet_extra"), session, control_loop)  # fmt: skip
             return samplers.run(plan, denoiser, buffers["x"])
 
         cache_key = None if cache is None else cache.key
-        key = ("loop", plan.host_key, float(guidance), float(rescale), cache_key, self.backend.capture_state())
+        control_key = None if settings is None else settings.key
+        key = ("loop", plan.host_key, float(guidance), float(rescale), cache_key, control_key,
+               self.backend.capture_state())  # fmt: skip
         return capture.run(key, loop, inputs)
 
     # ----------------------------------------------------------------------------------- decode
@@ -443,6 +489,11 @@ class Pipeline:
             mask = req.mask.to(images.device)
             images = mask * images + (1 - mask) * (req.image.to(images.device) / 2 + 0.5)
         return images
+
+
+def _guided(start: Start, req: Request) -> bool:
+    """Whether the model's batch holds both halves of classifier-free guidance (as ``guided_model`` runs it)."""
+    return start.uncond is not None and req.cfg_scale != 1
 
 
 def _model_calls(plan: samplers.Plan) -> int:

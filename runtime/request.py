@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import control as controlnets
 from . import defaults, samplers, step_cache
 from .images import OUTPUT_TYPES, fit_size, image_tensor, mask_tensor
 from .schedules import SPACINGS
@@ -40,6 +41,7 @@ class Rules:
     guidance_distilled: bool = False  # guidance= is an input of the model (FLUX.1-dev): true_cfg= adds CFG
     max_sequence_length: int | None = None  # the T5 families: the most text tokens a call may ask for
     max_size: int | None = None  # the largest side the model's position embedding covers (SD3)
+    controlnets: int = 0  # ControlNets attached to the model: a call gives each a control image
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Request:
     max_sequence_length: int | None = None  # T5 tokens (None: the family's default)
     guidance_distilled: bool = False
     cache: step_cache.CacheConfig | None = None  # a step cache (diffrt.step_cache); None: every call computed
+    control: controlnets.Control | None = None  # the ControlNets' images and settings (diffrt.control)
 
     @property
     def cfg_scale(self) -> float:
@@ -86,7 +89,8 @@ def build(
     height: int | None = None, width: int | None = None, output_type: str = "pil", image=None,
     strength: float | None = None, mask_image=None, overlay: bool = True, spacing: str = "trailing",
     scheduler=None, progress: bool | None = None, true_cfg: float = 1.0, max_sequence_length: int | None = None,
-    cache=None, **sampler_options,
+    cache=None, control_image=None, controlnet_scale=1.0, control_start=0.0, control_end=1.0,
+    guess_mode: bool = False, **sampler_options,
 ) -> Request:  # fmt: skip
     """Check a call's arguments and fill in the model's defaults.
 
@@ -106,6 +110,10 @@ def build(
     warning; default the family's: 256 for SD3, 512 for FLUX.1).
     ``cache``: a step cache, as a :class:`diffrt.step_cache.CacheConfig` or a string such as
     ``"deepcache:interval=3"`` (U-Nets) or ``"fbcache:threshold=0.1"`` (transformers); None computes every call.
+    ``control_image``: with ControlNets loaded, one picture per ControlNet (a list for several; a picture may be
+    a list of one per image); ``controlnet_scale``, ``control_start``, ``control_end`` (the share of the steps a
+    ControlNet acts in) and ``guess_mode`` as in diffusers' ControlNet pipelines (see :mod:`diffrt.control`).
+    The size defaults to the first control picture's when neither it nor ``image`` gives one.
     """
     prompts = _prompt_list(prompt, num_images, "prompt")
     n = len(prompts)
@@ -132,7 +140,12 @@ def build(
         height, width = _picture_size(picture, height, width, rules)
         picture, mask = _fit("image", picture, height, width), _fit("mask_image", mask, height, width)
         strength = _check_strength(strength, steps, mask is not None)
+    native = controlnets.native_size(control_image, rules.controlnets) if picture is None else None
+    if native is not None and (height is None or width is None):
+        height, width = _picture_size(torch.empty(1, 1, *native), height, width, rules)
     height, width = height or rules.default_size, width or rules.default_size
+    control = controlnets.settings(rules.controlnets, control_image, controlnet_scale, control_start, control_end,
+                                   guess_mode, n, height, width)  # fmt: skip
     _check_sampler_options(scheduler, sampler, steps, sampler_options)
     _check_true_cfg(true_cfg, rules)
     _check_sequence(max_sequence_length, rules)
@@ -140,7 +153,7 @@ def build(
         prompts, negatives, seeds, steps, sampler, sampler_options, float(guidance), float(guidance_rescale),
         height, width, output_type, picture, float(strength or 1.0), mask, spacing, scheduler,
         sys.stderr.isatty() if progress is None else progress, bool(overlay), float(true_cfg), max_sequence_length,
-        rules.guidance_distilled, step_cache.parse(cache),
+        rules.guidance_distilled, step_cache.parse(cache), control,
     )  # fmt: skip
 
 
@@ -150,8 +163,11 @@ def batch(req: Request, first: int, last: int) -> Request:
         return None if tensor is None else tensor[first:last]
 
     negatives = None if req.negatives is None else req.negatives[first:last]
+    control = req.control
+    if control is not None:
+        control = replace(control, images=tuple(rows(images) for images in control.images))
     return replace(req, prompts=req.prompts[first:last], negatives=negatives, seeds=req.seeds[first:last],
-                   image=rows(req.image), mask=rows(req.mask))  # fmt: skip
+                   image=rows(req.image), mask=rows(req.mask), control=control)  # fmt: skip
 
 
 def _is_number(value) -> bool:

@@ -33,7 +33,7 @@ RUNTIME = ("diffrt.components", "diffrt.families", "diffrt.graphspec", "diffrt.l
            "diffrt.presets", "diffrt.embedded", "diffrt.minilm", "diffrt.fashion", "diffrt.pipeline",
            "diffrt.request", "diffrt.images", "diffrt.timing", "diffrt.backends", "diffrt.graphs",
            "diffrt.artifacts", "diffrt.memory", "diffrt.outputs", "diffrt.step_cache", "diffrt.deployment",
-           "diffrt.lora", "diffrt.inversion")  # fmt: skip
+           "diffrt.lora", "diffrt.inversion", "diffrt.control")  # fmt: skip
 EXPORT = ("diffrt.export", "diffrt.kernels")
 ASSEMBLY = ("diffrt.api",)
 TOOLS = ("diffrt.bench", "diffrt.train")

@@ -61,8 +61,9 @@ class CompileBackend(TorchBackend):
         if persist:
             use_inductor_cache(resolve_cache_dir(cache_dir) / "compile" / "inductor")
         self.reused = load_artifacts(self.artifact_dir) if persist else 0
-        # the denoiser (the family's: unet or transformer) and the VAE decoder
-        self.compiled = {name: self._compile(name) for name in (self.family.denoiser_part, "vae_decoder")}
+        # the denoiser (the family's: unet or transformer), its ControlNets and the VAE decoder
+        compiled = (self.family.denoiser_part, *self.family.control_graphs(components), "vae_decoder")
+        self.compiled = {name: self._compile(name) for name in compiled}
         self._compiled_for: set[tuple] = set()  # (graph, dtype, first input's shape) already compiled
         self._pieces: dict[tuple[str, str], object] = {}  # step caches' passes, compiled on first use
 

@@ -28,7 +28,7 @@ class TorchBackend:
         self.device, self.dtype = device, dtype
         self.family = families.of(components)
         self.specs = self.family.graph_specs(components)
-        for module in (components.denoiser, components.vae, *components.text_encoders):
+        for module in (components.denoiser, components.vae, *components.text_encoders, *components.controlnets):
             module.to(device)
             if module.dtype != dtype:
                 module.to(dtype)

@@ -34,8 +34,9 @@ class TritonBackend(TorchBackend):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton backend on the CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
         super().__init__(components, device, dtype)
-        # the U-Net's kernels (GroupNorm+SiLU, attention); a transformer runs unpatched, its VAE patched
-        convolutional = [m for m in (components.unet, components.vae) if m is not None]
+        # the U-Net's kernels (GroupNorm+SiLU, attention), and its ControlNets'; a transformer runs unpatched, its
+        # VAE patched
+        convolutional = [m for m in (components.unet, components.vae, *components.controlnets) if m is not None]
         self.patches = [patcher(module) for module in convolutional]
         for module in convolutional:
             module.to(memory_format=torch.channels_last)
@@ -49,7 +50,7 @@ class TritonBackend(TorchBackend):
 
     def prepare(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prepared = super().prepare(graph, inputs)
-        if graph == "unet":
+        if graph == "unet" or graph.startswith("controlnet_"):
             prepared["sample"] = prepared["sample"].contiguous(memory_format=torch.channels_last)
         return prepared
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..components import class_name
 from ..graphspec import Dim, GraphSpec, TensorSpec
 from ..text import expand_added_tokens, tokenize
-from . import unet_cache
+from . import unet_cache, unet_control
 
 VAE_GRAPHS = ("vae_encoder", "vae_decoder")
 
@@ -52,24 +52,37 @@ class UNetGraph(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
         return self.unet(
             sample, timestep, encoder_hidden_states=encoder_hidden_states,
-            added_cond_kwargs=_added(text_embeds, time_ids), timestep_cond=timestep_cond,
+            added_cond_kwargs=unet_control.added(text_embeds, time_ids), timestep_cond=timestep_cond,
         ).sample  # fmt: skip
 
     # DeepCache's two passes (diffrt.step_cache): the output and the deep feature; the output from a kept one
     def deep_full(self, depth, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
                   timestep_cond=None):  # fmt: skip
         return unet_cache.full(self.unet, depth, sample, timestep, encoder_hidden_states,
-                               _added(text_embeds, time_ids), timestep_cond)  # fmt: skip
+                               unet_control.added(text_embeds, time_ids), timestep_cond)  # fmt: skip
 
     def deep_partial(self, depth, feature, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
                      timestep_cond=None):  # fmt: skip
         return unet_cache.partial(self.unet, depth, feature, sample, timestep, encoder_hidden_states,
-                                  _added(text_embeds, time_ids), timestep_cond)  # fmt: skip
+                                  unet_control.added(text_embeds, time_ids), timestep_cond)  # fmt: skip
 
 
-def _added(text_embeds, time_ids) -> dict | None:
-    """SDXL's added conditioning as the U-Net takes it (None for the other U-Nets)."""
-    return None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+class ControlledUNetGraph(UNetGraph):
+    """The U-Net graph with the ControlNets' summed residuals as inputs (``down_res_0``, ..., ``mid_res``: see
+    :mod:`diffrt.families.unet_control`), added to its skip features and mid block as diffusers adds them."""
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        self.down_names = unet_control.down_names(unet.config)
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None,
+                **residuals):  # fmt: skip
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=unet_control.added(text_embeds, time_ids), timestep_cond=timestep_cond,
+            down_block_additional_residuals=tuple(residuals[name] for name in self.down_names),
+            mid_block_additional_residual=residuals[unet_control.MID],
+        ).sample  # fmt: skip
 
 
 class VaeEncoderGraph(nn.Module):
@@ -123,25 +136,55 @@ class UNetFamily:
         """What the family's ``lora_state_dict`` needs besides the state dict (its own pipeline's call)."""
         return {}
 
+    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel", "CLIPTextModelWithProjection", "BertModel")
+    controlnet_classes: tuple[str, ...] = unet_control.CLASSES  # the ControlNets this family runs
+
     def check_components(self, components, where) -> None:
         """A clear error for parts that load but do not fit together (checked once, at load)."""
-    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel", "CLIPTextModelWithProjection", "BertModel")
+
+    def check_controlnet(self, components, controlnet, where) -> None:
+        """A clear error when ``controlnet`` cannot feed this model's denoiser."""
+        if not self.controlnet_classes:
+            raise ValueError(f"{where}: diffrt runs ControlNets on SD 1.x/2.x and SDXL U-Nets, not yet on "
+                             f"{self.name} models")  # fmt: skip
+        if class_name(controlnet) not in self.controlnet_classes:
+            raise ValueError(f"{where} is a {class_name(controlnet)}; {self.name} models run "
+                             f"{', '.join(self.controlnet_classes)}")  # fmt: skip
+        unet_control.check(controlnet, components.unet, components.latent_channels, components.vae_scale_factor,
+                           where)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ graphs
     def text_graphs(self, components) -> list[str]:
         return ["text_encoder" if k == 0 else f"text_encoder_{k + 1}" for k in range(len(components.text_encoders))]
 
+    def control_graphs(self, components) -> list[str]:
+        """The graph of each loaded ControlNet, in the order their images and scales are given."""
+        return [f"controlnet_{k}" for k in range(len(components.controlnets))]
+
     def graph_names(self, components) -> list[str]:
-        return [*self.text_graphs(components), self.denoiser_part, *VAE_GRAPHS]
+        return [*self.text_graphs(components), self.denoiser_part, *self.control_graphs(components), *VAE_GRAPHS]
 
     def graph_specs(self, components) -> dict[str, GraphSpec]:
         specs = {name: text_encoder_spec(name, encoder, self.text_outputs(encoder)[1])
                  for name, encoder in zip(self.text_graphs(components), components.text_encoders, strict=True)}
-        specs[self.denoiser_part] = GraphSpec(
-            self.denoiser_part, tuple(self.unet_inputs(components)), (self._unet_output(components),),
-            multiples=dict.fromkeys(("height", "width"), self.size_multiple(components)))
+        multiples = dict.fromkeys(("height", "width"), self.size_multiple(components))
+        unet_inputs = self.unet_inputs(components)
+        residuals = self._residual_specs(components)
+        specs[self.denoiser_part] = GraphSpec(self.denoiser_part, (*unet_inputs, *residuals),
+                                              (self._unet_output(components),), multiples=multiples)
+        batch = self._latent_dims(components)[0]
+        for name, controlnet in zip(self.control_graphs(components), components.controlnets, strict=True):
+            inputs = unet_control.controlnet_inputs(controlnet, unet_inputs, batch)
+            specs[name] = GraphSpec(name, tuple(inputs), tuple(residuals), multiples=multiples)
         specs.update(_vae_specs(components))
         return specs  # fmt: skip
+
+    def _residual_specs(self, components) -> list[TensorSpec]:
+        """The ControlNet residuals the U-Net graph takes (none without a ControlNet)."""
+        if not components.controlnets:
+            return []
+        batch = self._latent_dims(components)[0]
+        return unet_control.residual_specs(components.unet.config, batch, components.vae_scale_factor)
 
     def text_outputs(self, encoder) -> tuple[bool, str | None]:
         """What a text encoder's graph returns: (penultimate hidden states?, which pooled output or None)."""
@@ -174,12 +217,18 @@ class UNetFamily:
             return components.vae
         if name == self.denoiser_part:
             return components.denoiser
+        if name in self.control_graphs(components):
+            return components.controlnets[self.control_graphs(components).index(name)]
         return components.text_encoders[self.text_graphs(components).index(name)]
 
     def wrap_graph(self, components, name: str, module: nn.Module) -> nn.Module:
         """The graph module of ``name`` around ``module`` (its source, or a converted copy of it)."""
         if name == self.denoiser_part:
+            if components.controlnets:
+                return ControlledUNetGraph(module).eval()
             return self.denoiser_graph(module).eval()
+        if name in self.control_graphs(components):
+            return unet_control.ControlNetGraph(module).eval()
         if name in VAE_GRAPHS:
             return (VaeEncoderGraph if name == "vae_encoder" else VaeDecoderGraph)(module).eval()
         return TextEncoderGraph(module, *self.text_outputs(module)).eval()

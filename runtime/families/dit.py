@@ -26,6 +26,7 @@ class TransformerFamily(UNetFamily):
     denoiser_part: str = "transformer"
     default_sequence: int = 256  # T5 tokens when a call does not say (SD3: 256, FLUX.1-dev: 512)
     max_shift_default: float = 1.15  # the pipeline's max_shift when the scheduler config has none
+    controlnet_classes: tuple[str, ...] = ()  # SD3ControlNetModel / FluxControlNetModel are not run yet
 
     def patch_size(self, components) -> int:
         raise NotImplementedError
