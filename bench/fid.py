@@ -9,6 +9,9 @@ and the tolerance absorbs the small float differences between CPUs.
 
 A baseline that was measured on another model (other weights), sampler, step count, sample count, seed,
 guidance or size is refused with the differing settings named: comparing them would say nothing.
+
+With ``--controlnet`` (a Fashion-MNIST ControlNet such as ``fashion-controlnet``) image k of a class is generated
+with the Canny edges of that class's k-th test image as its control (:mod:`diffrt.bench.controlnet`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .harness import add_call_arguments, fill_call_defaults, write_result
 
 KIND = "fid"
 COMPARED = ("model", "weights", "sampler", "steps", "samples", "seed", "guidance", "height", "width", "prompts",
-            "cache")  # fmt: skip
+            "cache", "controlnet")  # fmt: skip
 DEFAULT_TOLERANCE = 0.15  # relative FID rise allowed
 DEFAULT_ADHERENCE_DROP = 0.05  # absolute adherence drop allowed
 
@@ -34,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_call_arguments(parser)
     parser.add_argument("--cache", default=None, help="a step cache to gate (diffrt.step_cache), such as "
                         "deepcache:interval=3; default none")  # fmt: skip
+    parser.add_argument("--controlnet", default=None, help="a ControlNet to gate with (fashion-controlnet): each image "
+                        "takes the edges of a test image of its class as control")  # fmt: skip
     parser.add_argument("--samples", type=int, default=200, help="images, a multiple of 10 (one share per class)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", default="canonical", choices=("canonical", "held_out"))
@@ -57,9 +62,10 @@ def measure(pipe, settings: dict) -> dict:
     from . import quality
 
     per_class = settings["samples"] // quality.NUM_CLASSES
+    controls = _controls(settings["samples"]) if settings.get("controlnet") else None
     scores = quality.evaluate_pipeline(
         pipe, per_class=per_class, prompts=settings["prompts"], seed=settings["seed"], batch_size=100,
-        steps=settings["steps"], sampler=settings["sampler"], guidance=settings["guidance"],
+        controls=controls, steps=settings["steps"], sampler=settings["sampler"], guidance=settings["guidance"],
         height=settings["height"], width=settings["width"], cache=settings.get("cache"),
     )  # fmt: skip
     return {
@@ -67,6 +73,16 @@ def measure(pipe, settings: dict) -> dict:
         "adherence": scores["adherence"], "adherence_per_class": scores["adherence_per_class"],
         "kid_subset_size": min(1000, settings["samples"]),
     }  # fmt: skip
+
+
+def _controls(samples: int) -> dict:
+    """Per class, the control pictures of its first test images (their Canny edges)."""
+    from ..fashion.edges import control_pictures, edge_maps
+    from .controlnet import held_out
+
+    images, labels = held_out(samples)
+    pictures = control_pictures(edge_maps(images))
+    return {int(k): pictures[labels == k] for k in labels.unique()}
 
 
 def read_baseline(path) -> dict:
@@ -114,7 +130,7 @@ def _settings(args, pipe) -> dict:
         "weights": weights_fingerprint(pipe.components),
         "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
         "samples": args.samples, "seed": args.seed, "prompts": args.prompts, "height": size[0], "width": size[1],
-        "dtype": "float32", "device": args.device, "cache": args.cache,
+        "dtype": "float32", "device": args.device, "cache": args.cache, "controlnet": args.controlnet,
     }  # fmt: skip
 
 
@@ -137,7 +153,7 @@ def run(args) -> int:
 
         args.cache = str(parse(args.cache))  # one spelling in the baseline; a bad spec fails before the slow part
     baseline = None if args.update_baseline else read_baseline(args.baseline)
-    pipe = diffrt.load(args.model, device=args.device)
+    pipe = diffrt.load(args.model, device=args.device, controlnet=args.controlnet)
     settings = _settings(args, pipe)
     if baseline is not None:
         check_comparable(baseline, settings, args.baseline)

@@ -17,6 +17,8 @@ Parts (on a CUDA machine; at most about 8 minutes in all):
   lora       ``bench lora`` on sd15 (fp16, 4 steps) on the triton backend: switching between two random rank-64
              LoRAs on every attention projection (target <= 50 ms), with the captured loops counted before and
              after (target: no re-capture)
+  controlnet ``bench latency --controlnet random`` on sd15 (512 px, fp16, 4 steps): torch and triton (the
+             ControlNet inside the captured loop), each with and without an SD1.5-size ControlNet, interleaved
 
 Without CUDA the same parts run on ``tiny`` shapes (the torch backend; bfloat16 for the parity check) and the
 CUDA-only ones are marked skipped with the reason: a dry run in well under two minutes, which CI runs.
@@ -34,9 +36,9 @@ from pathlib import Path
 
 from ..results import write_result
 
-PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity", "dit", "lora")
-LIMITS_S = {"tests": 90, "kernels": 45, "latency": 130, "compile": 80, "embedded": 25, "parity": 60,
-            "dit": 100, "lora": 50}  # 580 s: under the 10 minutes one GPU call may run  # fmt: skip
+PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity", "dit", "lora", "controlnet")
+LIMITS_S = {"tests": 80, "kernels": 45, "latency": 110, "compile": 70, "embedded": 25, "parity": 50,
+            "dit": 90, "lora": 50, "controlnet": 60}  # 580 s: under the 10 minutes one GPU call may run  # fmt: skip
 PARITY_TOLERANCE = {"float16": 0.05, "bfloat16": 0.1}  # max |image difference| in [0, 1] against fp32 eager
 KIND = "gpu-suite"
 
@@ -211,6 +213,18 @@ def _part_lora(out: Path, cuda: bool) -> dict:
     return _command_part(proc, result, "rank-64 LoRA switch ms, captured loops before/after")
 
 
+def _part_controlnet(out: Path, cuda: bool) -> dict:
+    if cuda:
+        argv = ["--model", "sd15", "--backend", "torch,triton", "--dtype", "float16", "--device", "cuda", "--steps",
+                "4", "--guidance", "7.5", "--height", "512", "--width", "512", "--repeat", "5", "--warmup", "1"]
+    else:
+        argv = ["--model", "tiny", "--backend", "torch", "--device", "cpu", "--steps", "2", "--repeat", "2",
+                "--warmup", "0"]  # fmt: skip
+    result = out / "latency-controlnet.json"
+    proc = _diffrt("bench", "latency", *argv, "--controlnet", "random", "--out", str(result))
+    return _command_part(proc, result, "each backend with and without a ControlNet, p50/p90")
+
+
 def _part_embedded(out: Path, cuda: bool) -> dict:
     import torch
 
@@ -258,7 +272,7 @@ def _part_parity(out: Path, cuda: bool) -> dict:
 
 _PART_FUNCTIONS = {"tests": _part_tests, "kernels": _part_kernels, "latency": _part_latency,
                    "compile": _part_compile, "embedded": _part_embedded, "parity": _part_parity, "lora": _part_lora,
-                   "dit": _part_dit}  # fmt: skip
+                   "dit": _part_dit, "controlnet": _part_controlnet}  # fmt: skip
 
 
 def format_table(results: dict) -> str:

@@ -183,9 +183,10 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path, feature:
 
 @torch.no_grad()
 def evaluate_pipeline(pipe, per_class: int = 100, prompts: str = "canonical", seed: int = 0, batch_size: int = 50,
-                      classifier=None, reference=None, **call_options) -> dict:  # fmt: skip
+                      classifier=None, reference=None, controls=None, **call_options) -> dict:  # fmt: skip
     """Generate ``per_class`` images for each class prompt and score them: adherence (overall and per class),
     domain FID and KID. ``prompts``: "canonical" ("an ankle boot", ...) or "held_out" (phrases never captioned).
+    ``controls``: with a ControlNet loaded, per class the control pictures [per_class, 3, H, W] of its images.
     ``call_options`` go to the pipeline (steps, sampler, guidance, ...)."""
     if prompts not in ("canonical", "held_out"):
         raise ValueError(f"prompts must be 'canonical' or 'held_out', got {prompts!r}")
@@ -198,8 +199,9 @@ def evaluate_pipeline(pipe, per_class: int = 100, prompts: str = "canonical", se
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         seeds = [seed + label * 1_000_003 + i for label, i in chunk]
+        control = {} if controls is None else {"control_image": torch.stack([controls[label][i] for label, i in chunk])}
         images.append(pipe([texts[label] for label, _ in chunk], seed=seeds, output_type="pt", progress=False,
-                           **call_options).float())  # fmt: skip
+                           **control, **call_options).float())  # fmt: skip
     generate_s = time.perf_counter() - start_time
     images = torch.cat(images)
     labels = torch.tensor([label for label, _ in jobs])

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the model family's (dynamo for FLUX.1, torchscript for the others)")
     p.add_argument("--device", default=None, help="default: cpu for onnx, cuda for tensorrt")
     p.add_argument("--graphs", nargs="+", default=None, help="only these graphs (default: all)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="export with this ControlNet (repeatable): its graph controlnet_K, and the U-Net taking the "
+                        "residuals; load the folder with the same controlnet= and onnx_dir=/engine_dir=")  # fmt: skip
     for var, what in (("batch", "images per call"), ("height", "pixels"), ("width", "pixels"),
                       ("sequence", "prompt tokens")):  # fmt: skip
         p.add_argument(f"--{var}", type=_triple, default=None, help=f"MIN,OPT,MAX {what} (engine profile)")
@@ -61,7 +64,7 @@ def run(args) -> int:
         OnnxSettings(precision, args.opset, args.exporter or "torchscript").resolved()  # bad settings: fail now
     device = args.device or ("cuda" if args.format == "tensorrt" else "cpu")
     # weights in the export's dtype: the model hash then matches a pipeline loaded that way
-    pipe = load(args.model, device=device, dtype=_DTYPES[precision])
+    pipe = load(args.model, device=device, dtype=_DTYPES[precision], controlnet=args.controlnet or None)
     given = {k: getattr(args, k) for k in ("batch", "height", "width", "sequence") if getattr(args, k)}
     ranges = ShapeRanges(**given)
     if args.format == "onnx":

@@ -23,6 +23,7 @@ def _add_bench(subparsers) -> None:
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     from .bench import cache as bench_cache
     from .bench import coldstart as bench_coldstart
+    from .bench import controlnet as bench_controlnet
     from .bench import fid as bench_fid
     from .bench import gpu_suite as bench_gpu
     from .bench import kernels as bench_kernels
@@ -41,6 +42,8 @@ def _add_bench(subparsers) -> None:
         (bench_fid, "fid", "quality regression gate: domain FID and adherence", FILE),
         (bench_cache, "cache", "step caching against fewer steps: time, adherence, domain FID", FILE),
         (bench_lora, "lora", "LoRA load, switch and unload times, step cost with an adapter, its effect", FILE),
+        (bench_controlnet, "controlnet", "ControlNet: edge agreement with the control and adherence, with and "
+         "without it", FILE),
         (bench_coldstart, "coldstart", "fresh process to first image: per backend, caches cold and warm", FILE),
         (bench_gpu, "gpu", "every GPU check and measurement in one time-boxed run (a dry run without CUDA)", FOLDER),
     )
@@ -76,7 +79,8 @@ def _add_models(subparsers) -> None:
     export.set_defaults(run=lambda a: _models_call("materialize", a.name, a.out), out_kind=NEW_FOLDER)
     ship = actions.add_parser("ship", help="(developers) copy a `diffrt train` output into the package")
     ship.add_argument("trained", help="folder written by `diffrt train`")
-    ship.add_argument("name", help="fashion, fashion-flow, fashion-lcm, fashion-dit or fashion-classifier")
+    ship.add_argument("name", help="fashion, fashion-flow, fashion-lcm, fashion-dit, fashion-classifier, fashion-lora "
+                      "or fashion-controlnet")
     ship.set_defaults(run=lambda a: _models_call("ship", a.trained, a.name))
 
 

@@ -31,8 +31,9 @@ CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 # ------------------------------------------------------------------------------------------------- loading
 def load(sources, components, dtype=None) -> list:
-    """The ControlNets ``sources`` (a folder, an embedded name, a loaded ``ControlNetModel``, or a list of
-    them) for ``components``, each checked against its U-Net; nothing is attached here."""
+    """The ControlNets ``sources`` (a folder, an embedded name, a loaded ``ControlNetModel``, ``"random"`` (the
+    U-Net's encoder copied, random outputs: benchmarks), or a list of them) for ``components``, each checked
+    against its U-Net; nothing is attached here."""
     family = families.of(components)
     if components.deployed:
         raise ValueError("a deployed export holds no U-Net module to attach a ControlNet to: load the model it was "
@@ -42,7 +43,7 @@ def load(sources, components, dtype=None) -> list:
         raise ValueError("controlnet= is an empty list: give a ControlNet folder (or several)")
     loaded = []
     for item in items:
-        module, where = _module(item, dtype)
+        module, where = _module(item, dtype, components.unet)
         family.check_controlnet(components, module, where)
         wanted = components.denoiser.dtype if dtype is None else dtype
         # nn.Module.to, not diffusers' override: that one warns about casting instead of reloading
@@ -50,10 +51,15 @@ def load(sources, components, dtype=None) -> list:
     return loaded
 
 
-def _module(item, dtype):
+RANDOM = "random"  # a ControlNet of the model's own architecture with random weights, for benchmarks
+
+
+def _module(item, dtype, unet=None):
     """A ControlNet module and how to name it in messages."""
     if isinstance(item, nn.Module):
         return item.eval(), f"ControlNet {type(item).__name__}"
+    if item == RANDOM:
+        return random_controlnet(unet), "the random ControlNet"
     if isinstance(item, str) and item in embedded.CONTROLNETS:
         folder = embedded.adapter_folder(item)
     else:
@@ -68,6 +74,23 @@ def _module(item, dtype):
     if model_class is None or "ControlNet" not in str(name):
         raise ValueError(f"{folder}/config.json names class {name!r}, which is no diffusers ControlNet")
     return load_model(model_class, folder, "ControlNet", dtype), f"ControlNet {folder}"
+
+
+def random_controlnet(unet, seed: int = 0, std: float = 0.02):
+    """diffusers' ControlNet initialisation from ``unet`` (its encoder copied) with seeded random weights (normal,
+    ``std``) in place of the zero convolutions, so its residuals are not zero: the cost of a ControlNet of that
+    size, no weights needed."""
+    from diffusers import ControlNetModel
+
+    if unet is None:
+        raise ValueError("controlnet='random' copies a U-Net's encoder; this model has no U-Net")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet)
+        with torch.no_grad():
+            for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+                conv.weight.normal_(0, std)
+    return controlnet.eval()
 
 
 def _folder(path):
@@ -233,26 +256,35 @@ class ControlLoop:
 
 
 # --------------------------------------------------------------------------------------------------- canny
-def canny(image, low: int = 100, high: int = 200):
-    """The Canny edge map of ``image`` (a PIL image, an array or a file path) as an RGB PIL image: white edges
-    on black, what canny ControlNets are trained on. Needs OpenCV (``pip install 'diffrt[control]'``)."""
-    from PIL import Image
+CANNY_LOW, CANNY_HIGH = 100, 200  # the thresholds canny ControlNets are usually trained with
 
+
+def canny_edges(grey, low: int = CANNY_LOW, high: int = CANNY_HIGH):
+    """OpenCV's Canny edges of a uint8 grey array [H, W]: uint8, 255 on edges. Needs OpenCV (the ``control``
+    extra: ``pip install 'diffrt[control]'``)."""
     from .optional import require
 
     require("cv2", feature="canny edge maps")
     import cv2
-    import numpy as np
-
-    from .images import read_picture
 
     if not (isinstance(low, int) and isinstance(high, int) and 0 <= low < high <= 1000):
         raise ValueError(f"canny thresholds must be integers with 0 <= low < high <= 1000, got {low!r}, {high!r}")
+    return cv2.Canny(grey, low, high)
+
+
+def canny(image, low: int = CANNY_LOW, high: int = CANNY_HIGH):
+    """The Canny edge map of ``image`` (a PIL image, an array, a tensor or a file path) as an RGB PIL image:
+    white edges on black, what canny ControlNets are trained on."""
+    import numpy as np
+    from PIL import Image
+
+    from .images import read_picture
+
     if isinstance(image, str | os.PathLike):
         image = read_picture(image, "canny image")
     if hasattr(image, "convert"):
         grey = np.asarray(image.convert("L"))
     else:
         grey = (to_tensor(image, "canny image").mean(1)[0] * 255).round().to(torch.uint8).numpy()
-    edges = cv2.Canny(grey, low, high)
+    edges = canny_edges(grey, low, high)
     return Image.fromarray(np.stack([edges] * 3, axis=-1))

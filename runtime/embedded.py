@@ -124,18 +124,20 @@ def materialize(name: str, out, root: Path = MODELS_DIR) -> Path:
 def ship(trained: str | os.PathLike, name: str, root: Path = MODELS_DIR) -> Path:
     """Copy a folder written by ``diffrt train NAME`` into the package as embedded model ``name``: its U-Net (or
     transformer) in float16, scheduler, defaults, run record and card; its VAE becomes the shared ``fashion-vae``
-    (the embedded models must all be trained on the same VAE)."""
+    (the embedded models must all be trained on the same VAE). The classifier and the adapters (LoRA,
+    ControlNet) are copied as their trainers wrote them."""
     import torch
 
     trained = Path(trained)
-    if name == CLASSIFIER_NAME:  # written by `diffrt train classifier` in its shipped form already
+    if name in (CLASSIFIER_NAME, *ADAPTERS):  # written by `diffrt train ...` in their shipped form already
         def copy(tmp: Path) -> None:
             shutil.copytree(trained, tmp, dirs_exist_ok=True)
             checksums.write(tmp)
 
         return atomic_folder(root / name, copy, replace=True)
     if name not in NAMES:
-        raise ValueError(f"unknown embedded model {name!r}; shippable: {', '.join((*NAMES, CLASSIFIER_NAME))}")
+        raise ValueError(f"unknown embedded model {name!r}; shippable: "
+                         f"{', '.join((*NAMES, CLASSIFIER_NAME, *ADAPTERS))}")  # fmt: skip
     components = folders.load_folder(trained, dtype=torch.float32)
     _check_same_vae(components.vae, root)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-KINDS = ("vae", "fashion", "fashion-flow", "fashion-lcm", "fashion-dit", "fashion-lora", "classifier")
+KINDS = ("vae", "fashion", "fashion-flow", "fashion-lcm", "fashion-dit", "fashion-lora", "fashion-controlnet",
+         "classifier")
 # options that only some kinds take (each kind's settings field of the same name)
 KIND_OPTIONS = {
     "vae": ("fashion", "fashion-flow", "fashion-dit"),
@@ -18,8 +19,8 @@ KIND_OPTIONS = {
     "prompt": ("fashion-lora",),
     "rank": ("fashion-lora",),
 }
-ORDER = ("order: vae -> fashion, fashion-flow, fashion-dit (--vae) -> fashion-lcm (--teacher); fashion-lora on the "
-         "embedded fashion; classifier on its own")
+ORDER = ("order: vae -> fashion, fashion-flow, fashion-dit (--vae) -> fashion-lcm (--teacher); fashion-lora and "
+         "fashion-controlnet on the embedded fashion; classifier on its own")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_for(args):
     """The kind's settings dataclass with the given options applied; unknown-to-the-kind options refused."""
-    from . import classifier, diffusion, dit, lcm, lora, vae
+    from . import classifier, controlnet, diffusion, dit, lcm, lora, vae
 
     if args.kind == "vae":
         settings = vae.VAESettings()
@@ -65,9 +66,11 @@ def settings_for(args):
         settings = dit.DiTSettings()
     elif args.kind == "fashion-lora":
         settings = lora.LoraTrainSettings()
+    elif args.kind == "fashion-controlnet":
+        settings = controlnet.ControlNetTrainSettings()
     else:
         settings = diffusion.DiffusionSettings(objective="eps" if args.kind == "fashion" else "flow")
-    if args.size is not None and args.kind in ("fashion-lcm", "fashion-lora"):
+    if args.size is not None and args.kind in ("fashion-lcm", "fashion-lora", "fashion-controlnet"):
         raise ValueError(f"--size does not apply to {args.kind}: it keeps its base model's architecture")
     for option, kinds in KIND_OPTIONS.items():
         value = getattr(args, option)
@@ -94,7 +97,7 @@ def settings_for(args):
 
 
 def run(args) -> int:
-    from . import classifier, diffusion, dit, lcm, lora, vae
+    from . import classifier, controlnet, diffusion, dit, lcm, lora, vae
 
     settings = settings_for(args)
     trainer = {
@@ -103,6 +106,7 @@ def run(args) -> int:
         "fashion-lcm": lcm.train_lcm,
         "fashion-dit": dit.train_dit,
         "fashion-lora": lora.train_lora,
+        "fashion-controlnet": controlnet.train_controlnet,
         "fashion": diffusion.train_diffusion,
         "fashion-flow": diffusion.train_diffusion,
     }[args.kind]

@@ -21,9 +21,10 @@ def test_the_dry_run_runs_every_part_and_says_why_cuda_ones_skip(tmp_path, capsy
     assert list(parts) == list(gpu_suite.PARTS)
     assert parts["tests"]["status"] == parts["kernels"]["status"] == parts["compile"]["status"] == "skipped"
     assert "CUDA" in parts["tests"]["detail"] and "CUDA" in parts["kernels"]["detail"]
-    for part in ("latency", "embedded", "parity", "lora"):
+    for part in ("latency", "embedded", "parity", "lora", "controlnet"):
         assert parts[part]["status"] == "passed", parts[part]
     assert parts["lora"]["metrics"]["backends"]["torch"]["switch_ms"]["p50"] > 0
+    assert set(parts["controlnet"]["metrics"]) == {"torch", "torch+controlnet"}
     tiny = parts["latency"]["runs"]["tiny"]["metrics"]["torch"]["batches"]["1"]
     assert tiny["total_ms_p50"] > 0  # the latency command's own result, inlined
     parity = parts["parity"]["backends"]["torch-bfloat16"]

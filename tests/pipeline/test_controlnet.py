@@ -18,15 +18,8 @@ PROMPTS = ["a red sneaker", "a blue coat"]
 
 
 def random_controlnet(unet, folder, seed):
-    """A ControlNet copied from ``unet`` as diffusers initialises one, with its zero convolutions given random
-    weights (a fresh ControlNet adds nothing), saved to ``folder``."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        controlnet = diffusers.ControlNetModel.from_unet(unet)
-        with torch.no_grad():
-            for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
-                conv.weight.normal_(0, 0.3)
-    controlnet.save_pretrained(folder)
+    """A ControlNet copied from ``unet`` with random outputs strong enough to change the images, saved."""
+    control.random_controlnet(unet, seed, std=0.3).save_pretrained(folder)
     return folder
 
 

@@ -241,3 +241,26 @@ def test_lora_trainer_writes_an_adapter_diffrt_and_its_card_read(tmp_path):
     assert "## Effect" in (result.folder / "README.md").read_text()
     with pytest.raises(ValueError, match="label must be a Fashion-MNIST class"):
         train_lora(tmp_path / "bad", smoke(LoraTrainSettings(), label=12), progress=False)
+
+
+# ----------------------------------------------------------------------------------------- ControlNet
+def test_controlnet_trainer_writes_a_controlnet_diffrt_and_diffusers_read(tmp_path):
+    pytest.importorskip("cv2")
+    from diffusers import ControlNetModel
+    from safetensors import safe_open
+
+    from diffrt.train.controlnet import ControlNetTrainSettings, train_controlnet
+
+    settings = smoke(ControlNetTrainSettings(), size="full", data_limit=200, steps=3, batch_size=8)
+    result = train_controlnet(tmp_path / "cn", settings, progress=False)
+    assert result.metrics["train_images"] == 200 and len(result.losses) == 3
+    with safe_open(str(result.folder / "diffusion_pytorch_model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}  # shipped in float16
+    assert ControlNetModel.from_pretrained(result.folder).config.conditioning_embedding_out_channels == [16, 32, 64]
+    pipe = diffrt.load("fashion", device="cpu", controlnet=result.folder)
+    edges = torch.zeros(1, 3, 32, 32)
+    edges[..., 8:24, 8] = 1
+    images = pipe("a dress", control_image=edges, steps=2, seed=0, output_type="pt")
+    assert images.shape == (1, 3, 32, 32) and "## Evaluation" in (result.folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="p_empty must be in"):
+        train_controlnet(tmp_path / "bad", smoke(ControlNetTrainSettings(), p_empty=1.0), progress=False)
