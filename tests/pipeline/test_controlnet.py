@@ -103,6 +103,18 @@ def test_onnxruntime_runs_controlnets_as_torch_does(tiny_folder, controlnets, pi
         assert np.abs(ours(PROMPTS, guess_mode=guess, **call) - expected).max() <= 1 / 255
 
 
+def test_onnxruntime_runs_sdxl_controlnets_as_torch_does(tiny_sdxl_folder, pictures, tmp_path):
+    unet = diffrt.load(tiny_sdxl_folder, device="cpu").components.unet
+    folder = random_controlnet(unet, tmp_path / "xl", 10)
+    call = dict(steps=3, guidance=5.0, seed=[4, 5], height=64, width=64, output_type="np", control_image=pictures[1],
+                controlnet_scale=0.7, control_end=0.7)  # fmt: skip
+    reference = diffrt.load(tiny_sdxl_folder, device="cpu", controlnet=folder)
+    ours = diffrt.load(tiny_sdxl_folder, device="cpu", backend="onnxruntime", cache_dir=tmp_path, controlnet=folder)
+    for guess in (False, True):
+        expected = reference(PROMPTS, guess_mode=guess, **call)
+        assert np.abs(ours(PROMPTS, guess_mode=guess, **call) - expected).max() <= 1 / 255
+
+
 def test_a_captured_loop_holds_the_controlnets_and_reads_new_images_and_scales(tiny_folder, controlnets, pictures):
     """The capture path on the CPU (ReplayEmulation): the ControlNets run inside the loop; a second call with
     other control images and scales replays the same graph and equals an uncaptured call."""
