@@ -17,6 +17,12 @@ __all__ = ["PRECISIONS", "TORCH_DTYPES", "VARIABLES", "Dim", "GraphSpec", "Shape
            "graph_profile", "graph_specs", "input_profile_shapes", "pixel_multiple"]  # fmt: skip
 
 DENOISER_GRAPHS = ("unet", "transformer")  # the graphs classifier-free guidance runs at twice the batch
+CONTROL_PREFIX = "controlnet_"  # ControlNet graphs: they run at the denoiser's batch too
+
+
+def guided_graph(name: str) -> bool:
+    """Whether classifier-free guidance runs graph ``name`` at twice the images' batch."""
+    return name in DENOISER_GRAPHS or name.startswith(CONTROL_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -67,11 +73,11 @@ def _sequence_length(components) -> int:
 
 def graph_profile(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, tuple[int, int, int]]:
     """Per shape variable of ``spec``: (min, opt, max) from the pipeline's ranges, rounded to the graph's
-    multiples and clipped to its limits; the U-Net's batch doubled for guidance."""
+    multiples and clipped to its limits; the denoiser's and ControlNets' batch doubled for guidance."""
     profile = {}
     for var in spec.variables:
         lo, opt, hi = getattr(ranges, var)
-        if var == "batch" and spec.name in DENOISER_GRAPHS:
+        if var == "batch" and guided_graph(spec.name):
             opt, hi = 2 * opt, 2 * hi
         m = spec.multiples.get(var, 1)
         lo, hi = -(-lo // m) * m, hi // m * m

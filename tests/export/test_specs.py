@@ -57,6 +57,24 @@ def test_unet_profile_doubles_the_batch_and_rounds_sizes_to_its_multiple(tiny):
     assert text == {"batch": (1, 2, 4), "sequence": (77, 77, 77)}
 
 
+def test_controlnet_graphs_get_the_denoisers_doubled_batch_and_residual_shapes(tiny):
+    import dataclasses
+
+    from diffrt.control import random_controlnet
+
+    parts = dataclasses.replace(tiny.components, controlnets=[random_controlnet(tiny.components.unet)])
+    specs = graph_specs(parts)
+    ranges = ShapeRanges(batch=(1, 2, 4)).resolved(parts)
+    assert graph_profile(specs["controlnet_0"], ranges)["batch"] == (1, 4, 8)
+    residuals = [t.name for t in specs["unet"].inputs if t.name.endswith("_res") or "_res_" in t.name]
+    assert residuals == specs["controlnet_0"].output_names and residuals[-1] == "mid_res"
+    values = {"batch": 2, "height": 64, "width": 32, "sequence": 77}
+    down, mid = parts.controlnets[0](torch.zeros(2, 4, 8, 4), 1.0, torch.zeros(2, 77, 32),
+                                     torch.zeros(2, 3, 64, 32), return_dict=False)  # fmt: skip
+    shapes = specs["controlnet_0"].output_shapes(values)
+    assert [tuple(t.shape) for t in (*down, mid)] == list(shapes.values())
+
+
 def test_profile_shapes_per_input(tiny):
     specs = graph_specs(tiny.components)
     ranges = ShapeRanges(batch=(1, 1, 2), height=(16, 64, 128), width=(32, 64, 96)).resolved(tiny.components)
