@@ -22,9 +22,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .adaln import adaln_kernel, adaln_warps
 from .attention import attention_config, attn_fwd_kernel
 from .group_norm import PHASE_FUSED, PHASE_NORMALIZE, PHASE_PARTIAL_STATS, group_norm_kernel
-from .launch import interpreter_active
+from .launch import interpreter_active, next_power_of_2
+from .qk_norm import rms_rope_kernel
 
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -89,6 +91,34 @@ def compile_attention(dtype: torch.dtype, head_dim: int, seq_q: int, seq_k: int,
     return triton.compile(src, target=target, options=options), cfg
 
 
+def compile_adaln(dtype: torch.dtype, gated: bool, norm: bool, clip: bool, width: int, target):
+    ty = _TYPE[dtype]
+    signature = {name: f"*{ty}" for name in ("x_ptr", "y_ptr", "gate_ptr", "shift_ptr", "scale_ptr", "res_ptr",
+                                             "out_ptr")}  # fmt: skip
+    for name in ("L", "D", "stride_xb", "stride_xl", "stride_yb", "stride_yl", "stride_rb", "stride_rl", "stride_ob",
+                 "stride_ol", "stride_gate", "stride_shift", "stride_scale"):  # fmt: skip
+        signature[name] = "i32"
+    signature["eps"] = "fp32"
+    constants = dict(GATED=gated, NORM=norm, CLIP=clip, BLOCK_D=next_power_of_2(width))
+    signature.update({name: "constexpr" for name in constants})
+    src = ASTSource(adaln_kernel, signature, constants)
+    return triton.compile(src, target=target, options={"num_warps": adaln_warps(width, False)})
+
+
+def compile_rms_rope(dtype: torch.dtype, heads: int, head_dim: int, rope: bool, target):
+    ty = _TYPE[dtype]
+    signature = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": f"*{ty}"}
+    for name in ("L", "H", "D", "offset", "stride_xb", "stride_xl", "stride_xh", "stride_ob", "stride_ol",
+                 "stride_oh", "stride_cos"):  # fmt: skip
+        signature[name] = "i32"
+    signature["eps"] = "fp32"
+    block_h, block_d = next_power_of_2(heads), max(16, next_power_of_2(head_dim))
+    constants = dict(NORM=True, HAS_WEIGHT=True, ROPE=rope, BLOCK_H=block_h, BLOCK_D=block_d)
+    signature.update({name: "constexpr" for name in constants})
+    src = ASTSource(rms_rope_kernel, signature, constants)
+    return triton.compile(src, target=target, options={"num_warps": max(1, min(8, block_h * block_d // 512))})
+
+
 def configurations(quick: bool):
     dtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     phases = [PHASE_FUSED.value, PHASE_PARTIAL_STATS.value, PHASE_NORMALIZE.value]
@@ -99,10 +129,21 @@ def configurations(quick: bool):
     attn = [(40, 4096, 4096), (80, 1024, 77), (160, 256, 256)]
     if not quick:
         attn += [(64, 4096, 4096), (64, 4096, 77), (128, 1024, 1024), (40, 16384, 77), (8, 64, 5)]
+    if not quick:  # FLUX.1-dev at 1024 px (512 + 4096 tokens, head dim 128), SD3 (333 + 4096, 64)
+        attn += [(128, 4608, 4608), (64, 4429, 4429)]
     for dtype in [torch.float16, torch.bfloat16] if not quick else [torch.float16]:
         for shape in attn:
             yield ("attention", dtype, *shape)
     yield ("attention", torch.float32, 80, 300, 300)
+    # adaLN: (gated, norm, clip) as the fused blocks launch it, at SD3.5-large's and FLUX.1's widths
+    modes = [(False, True, False), (True, True, False), (True, False, True)]
+    for dtype in [torch.float16] if quick else [torch.float16, torch.bfloat16, torch.float32]:
+        for width in [3072] if quick else [1536, 2432, 3072]:
+            for mode in modes:
+                yield ("adaln", dtype, *mode, width)
+        # query/key norm (+ rope): FLUX's 24 heads of 128, SD3.5-large's 38 of 64
+        for heads, head_dim, rope in [(24, 128, True), (38, 64, False)]:
+            yield ("rms_rope", dtype, heads, head_dim, rope)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             _, dtype, phase, channels_last = item
             compiled = compile_group_norm(dtype, phase, channels_last, 2048, 8, target)
             what = f"group_norm {_TYPE[dtype]} phase={phase} channels_last={channels_last}"
+        elif item[0] == "adaln":
+            _, dtype, gated, norm, clip, width = item
+            compiled = compile_adaln(dtype, gated, norm, clip, width, target)
+            what = f"adaln {_TYPE[dtype]} width={width} gated={gated} norm={norm} clip={clip}"
+        elif item[0] == "rms_rope":
+            _, dtype, heads, head_dim, rope = item
+            compiled = compile_rms_rope(dtype, heads, head_dim, rope, target)
+            what = f"rms_rope {_TYPE[dtype]} heads={heads} head_dim={head_dim} rope={rope}"
         else:
             _, dtype, head_dim, seq_q, seq_k = item
             compiled, cfg = compile_attention(dtype, head_dim, seq_q, seq_k, target)

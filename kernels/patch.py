@@ -1,7 +1,15 @@
-"""Swap the Triton kernels into a diffusers ``UNet2DConditionModel`` or ``AutoencoderKL`` (and back).
+"""Swap the Triton kernels into a diffusers ``UNet2DConditionModel``, ``AutoencoderKL``, ``ControlNetModel``,
+``FluxTransformer2DModel`` or ``SD3Transformer2DModel`` (and back).
 
 What :func:`patch` changes (attributes of the model's submodules; parameters are shared, not copied, and
 state-dict keys stay the same):
+
+* The transformer blocks of FLUX.1 (double- and single-stream) and SD3/3.5 become fused blocks that hold the
+  same submodules (:mod:`diffrt.kernels.flux_blocks`, :mod:`diffrt.kernels.sd3_blocks`): adaLN, gated
+  residuals and the modulated norms in one pass each; their attention gets a Triton processor (query/key
+  RMSNorm and rotary embedding written into the joint sequence, then the attention kernel). Blocks with
+  weighted norms or chunked feed-forward, and processors other than diffusers' defaults, are left as they are
+  and listed in ``PatchHandle.skipped``.
 
 * GroupNorm followed by SiLU becomes one fused call, in the diffusers blocks whose ``forward`` applies the
   activation straight to the norm's output (checked against diffusers 0.42):
@@ -28,8 +36,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from . import flux_blocks, sd3_blocks
 from .attention import TritonAttnProcessor, head_dim_supported
 from .group_norm import GroupNormAct
+
+TRANSFORMER_PROCESSORS = (flux_blocks.TritonFluxAttnProcessor, sd3_blocks.TritonJointAttnProcessor)
 
 
 class SiLULinear(nn.Linear):
@@ -58,6 +69,7 @@ class PatchHandle:
         self.fused_norms = 0
         self.plain_norms = 0
         self.attention_processors = 0
+        self.fused_blocks = 0
         self.skipped: list[str] = []
         self.restored = False
 
@@ -88,6 +100,7 @@ class PatchHandle:
             "fused_norms": self.fused_norms,
             "plain_norms": self.plain_norms,
             "attention_processors": self.attention_processors,
+            "fused_blocks": self.fused_blocks,
             "skipped": list(self.skipped),
         }
 
@@ -127,6 +140,7 @@ def patch(module: nn.Module, *, fallback: bool = False) -> PatchHandle:
 
     handle = PatchHandle(module)
     try:
+        _patch_transformer_blocks(module, handle)
         modules = list(module.named_modules())
         # 1. GroupNorm -> SiLU pairs in known diffusers blocks.
         for _, parent in modules:
@@ -152,7 +166,7 @@ def patch(module: nn.Module, *, fallback: bool = False) -> PatchHandle:
                     handle.plain_norms += 1
         # 3. Attention processors.
         for name, sub in modules:
-            if not isinstance(sub, Attention):
+            if not isinstance(sub, Attention) or isinstance(sub.processor, TRANSFORMER_PROCESSORS):
                 continue
             processor = sub.processor
             if type(processor) is not AttnProcessor2_0:
@@ -169,6 +183,35 @@ def patch(module: nn.Module, *, fallback: bool = False) -> PatchHandle:
         handle.restore()
         raise
     return handle
+
+
+def _patch_transformer_blocks(module: nn.Module, handle: PatchHandle) -> None:
+    """FLUX.1 and SD3 blocks -> fused blocks, their attention -> the Triton processors (see the module docs)."""
+    families = (flux_blocks, sd3_blocks)
+    blocks = {name: (family, fused) for family in families for name, fused in family.BLOCKS.items()}
+    for parent_name, parent in list(module.named_modules()):
+        for name, child in list(parent.named_children()):
+            kind = type(child).__name__
+            if kind not in blocks:
+                continue
+            family, fused = blocks[kind]
+            problem = family.fusable(child)
+            if problem:
+                handle.skipped.append(f"{parent_name}.{name}: {problem}")
+                continue
+            handle._swap(parent, name, fused(child))
+            handle.fused_blocks += 1
+    for name, sub in module.named_modules():
+        family = next((f for f in families if f.claims(sub)), None)
+        if family is None:
+            continue
+        problem = family.attn_problem(sub)
+        if problem:
+            handle.skipped.append(f"{name}: {problem}")
+            continue
+        handle._processors.append((sub, sub.processor))
+        sub.set_processor(family.PROCESSOR(sub.processor))
+        handle.attention_processors += 1
 
 
 __all__ = ["PatchHandle", "SiLULinear", "patch"]

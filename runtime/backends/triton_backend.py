@@ -1,5 +1,7 @@
-"""The Triton backend: eager PyTorch with the fused Triton kernels patched in, channels_last convolutions,
-and on CUDA the whole denoising loop captured as one CUDA graph per input shape and setting.
+"""The Triton backend: eager PyTorch with the fused Triton kernels patched in (U-Nets, VAEs and ControlNets:
+GroupNorm+SiLU and attention; the SD3 and FLUX.1 transformers: fused adaLN blocks, query/key norm with rotary
+embeddings, joint attention), channels_last convolutions, and on CUDA the whole denoising loop captured as one
+CUDA graph per input shape and setting.
 
 The kernel patcher (:func:`diffrt.kernels.patch`) sits in a layer above the runtime, so it is passed in as
 ``patcher``; ``diffrt.load`` supplies it.
@@ -34,12 +36,12 @@ class TritonBackend(TorchBackend):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton backend on the CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
         super().__init__(components, device, dtype)
-        # the U-Net's kernels (GroupNorm+SiLU, attention), and its ControlNets'; a transformer runs unpatched, its
-        # VAE patched
-        convolutional = [m for m in (components.unet, components.vae, *components.controlnets) if m is not None]
-        self.patches = [patcher(module) for module in convolutional]
-        for module in convolutional:
-            module.to(memory_format=torch.channels_last)
+        # the denoiser's kernels (a U-Net's GroupNorm+SiLU and attention, a transformer's fused blocks), the VAE's
+        # and the ControlNets'; the convolutional ones also go channels_last
+        self.patches = [patcher(module) for module in (components.denoiser, components.vae, *components.controlnets)]
+        for module in (components.unet, components.vae, *components.controlnets):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
         if capture_loop and device.type == "cuda":
             self.loop_capture = LoopGraphCache(max_graphs)
 

@@ -180,3 +180,51 @@ def test_patched_sd_vae_decoder_bf16_1024px():
             fused = vae.decode(latents).sample.double()
     assert torch.isfinite(fused).all()
     assert ((fused - plain).norm() / plain.norm()).item() < 3e-2
+
+
+# ------------------------------------------------------------------------------- transformer (DiT) kernels
+DIT_TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3}  # a GPU rounds bf16 to nearest: half a bf16 ulp and change
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens, width", [(4096 + 512, 3072), (4096 + 333, 1536)])  # FLUX.1-dev, SD3 at 1024 px
+def test_adaln_kernels_at_flux_and_sd3_shapes(tokens, width, dtype):
+    from diffrt.kernels.adaln import adaln_reference, gated_residual_adaln
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, y = (torch.randn(2, tokens, width, generator=g, device="cuda", dtype=dtype) for _ in range(2))
+    emb = torch.randn(2, 6 * width, generator=g, device="cuda", dtype=dtype)
+    shift, scale, gate = emb[:, :width], emb[:, width : 2 * width], emb[:, 2 * width : 3 * width]
+    r, n = gated_residual_adaln(x, y, gate, shift, scale)
+    ref_r, ref_n = adaln_reference(x, shift, scale, y=y, gate=gate, dtype=torch.float64)
+    for out, ref in ((r, ref_r), (n, ref_n)):
+        assert float((out.double() - ref).abs().max() / ref.abs().max()) <= DIT_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qk_norm_rope_at_flux_shapes(dtype):
+    from diffrt.kernels.qk_norm import rms_norm_rope, rms_rope_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 4608, 24 * 128, generator=g, device="cuda", dtype=dtype).unflatten(-1, (24, 128))
+    w = torch.rand(128, generator=g, device="cuda", dtype=dtype) + 0.5
+    angles = torch.rand(4608, 64, generator=g, device="cuda", dtype=torch.float64) * 6.3
+    rope = tuple(f(angles).repeat_interleave(2, -1).float() for f in (torch.cos, torch.sin))
+    ref = rms_rope_reference(q, w, 1e-6, rope, dtype=torch.float64)
+    out = rms_norm_rope(q, w, 1e-6, rope)
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) <= DIT_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_patched_tiny_flux_transformer_matches_unpatched(dtype):
+    import diffrt
+
+    pipe = diffrt.load("tiny-flux", device="cuda", dtype=dtype)
+    spec, module = pipe.backend.specs["transformer"], pipe.backend.modules["transformer"]
+    inputs = spec.sample_inputs({"batch": 2, "height": 128, "width": 128, "sequence": 77},
+                                "fp16" if dtype == torch.float16 else "bf16", device="cuda")  # fmt: skip
+    with torch.no_grad():
+        reference = module(**inputs).double()
+        with patch(pipe.components.transformer):
+            out = module(**inputs).double()
+    assert float((out - reference).abs().max() / reference.abs().max()) <= 2e-2  # two low-precision paths

@@ -75,3 +75,20 @@ def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ok, reason = triton_backend.is_available()
     assert not ok and "CUDA GPU" in reason
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3", "fashion-dit"])
+def test_the_transformer_families_run_fused_and_match_torch(model, pair):
+    """The fused adaLN blocks, query/key norm + rotary embedding and joint attention, through whole pipelines
+    (the interpreter runs each program in Python: one step, no guidance, few text tokens; the VAE is tested
+    above); fbcache's passes call the same fused blocks."""
+    device = pair[0].device
+    eager, fused = diffrt.load(model, device=device), diffrt.load(model, device=device, backend="triton")
+    assert fused.backend.patches[0].fused_blocks > 0 and fused.backend.patches[0].attention_processors > 0
+    kw = dict(KW, steps=1, height=32, width=32, guidance=1.0, sampler="euler", output_type="latent")
+    if model != "fashion-dit":
+        kw["max_sequence_length"] = 8
+    torch.testing.assert_close(fused("a red sneaker", **kw), eager("a red sneaker", **kw), rtol=1e-4, atol=1e-4)
+    if model == "tiny-flux":
+        cached = dict(kw, steps=3, cache="fbcache:interval=2")
+        torch.testing.assert_close(fused("a bag", **cached), eager("a bag", **cached), rtol=1e-4, atol=1e-4)
