@@ -5,15 +5,19 @@ ran out of time or was skipped, and why.
 
 Parts (on a CUDA machine; at most about 8 minutes in all):
   tests      the ``gpu``-marked tests (kernels, triton backend, capture), with their pass/fail list
-  kernels    GroupNorm+SiLU against a copy of the same bytes, attention against SDPA (``bench kernels``)
+  kernels    GroupNorm+SiLU and the transformer row kernels (adaLN, gated residual + norm, query/key norm with
+             rotary embedding) against a copy of the same bytes, attention against SDPA at SD1.5, SDXL, FLUX.1
+             and SD3 shapes (``bench kernels``)
   latency    ``bench latency`` on sd15 (512 px, batch 1, CFG, fp16, 4 steps; torch, compile reduce-overhead,
              triton) and sdxl (1024 px; torch, triton), backends interleaved
   compile    the same sd15 run with compile max-autotune-no-cudagraphs (in its own time box), torch beside it
   embedded   the embedded models end to end (skipped where the MiniLM package is missing)
   parity     fp16 torch and triton images of sd15 against float32 eager, within a stated tolerance
   dit        ``bench latency`` on flux-dev (1024 px, 28 steps, guidance 3.5, bf16) and sd35-large (1024 px, 28
-             steps, CFG 3.5, bf16), torch eager (published anchor for FLUX.1-dev on an H200: diffusers SDPA
-             5.58 s, + torch.compile + FlashAttention-3 3.73 s, SGLang Diffusion 3.50 s)
+             steps, CFG 3.5, bf16), torch eager beside triton (fused blocks, the loop captured) (published anchor
+             for FLUX.1-dev on an H200: diffusers SDPA 5.58 s, + torch.compile + FlashAttention-3 3.73 s, SGLang
+             Diffusion 3.50 s)
+  dit-compile  flux-dev with torch.compile beside torch (its own time box: compiling a 12B transformer)
   lora       ``bench lora`` on sd15 (fp16, 4 steps) on the triton backend: switching between two random rank-64
              LoRAs on every attention projection (target <= 50 ms), with the captured loops counted before and
              after (target: no re-capture)
@@ -36,9 +40,10 @@ from pathlib import Path
 
 from ..results import write_result
 
-PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity", "dit", "lora", "controlnet")
-LIMITS_S = {"tests": 80, "kernels": 45, "latency": 110, "compile": 70, "embedded": 25, "parity": 50,
-            "dit": 90, "lora": 50, "controlnet": 60}  # 580 s: under the 10 minutes one GPU call may run  # fmt: skip
+PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity", "dit", "dit-compile", "lora", "controlnet")
+LIMITS_S = {"tests": 70, "kernels": 50, "latency": 100, "compile": 60, "embedded": 25, "parity": 40,
+            "dit": 90, "dit-compile": 60, "lora": 40, "controlnet": 45}  # fmt: skip
+# 580 s in all: under the 10 minutes one GPU call may run (none of these has run on a GPU yet: sizes are guesses)
 PARITY_TOLERANCE = {"float16": 0.05, "bfloat16": 0.1}  # max |image difference| in [0, 1] against fp32 eager
 KIND = "gpu-suite"
 
@@ -139,9 +144,9 @@ def _part_kernels(out: Path, cuda: bool) -> dict:
     if not cuda:
         return {"status": "skipped", "detail": "Triton kernel timings need a CUDA GPU (the interpreter is no timing)"}
     result = out / "kernels.json"
-    proc = _diffrt("bench", "kernels", "--models", "sd15", "sdxl", "--warmup", "5", "--repeats", "20", "-o",
-                   str(result))  # fmt: skip
-    return _command_part(proc, result, "GroupNorm+SiLU GB/s against copy; attention TFLOP/s against SDPA")
+    proc = _diffrt("bench", "kernels", "--models", "sd15", "sdxl", "flux", "sd3", "--warmup", "5", "--repeats", "20",
+                   "-o", str(result))  # fmt: skip
+    return _command_part(proc, result, "norm kernels GB/s against copy; attention TFLOP/s against SDPA")
 
 
 def _latency_runs(cuda: bool) -> list[tuple[str, list[str]]]:
@@ -161,10 +166,18 @@ def _dit_runs(cuda: bool) -> list[tuple[str, list[str]]]:
     if not cuda:
         return [(name, ["--model", name, "--backend", "torch", "--steps", "2", "--warmup", "1", "--repeat", "2",
                         "--device", "cpu"]) for name in ("tiny-flux", "tiny-sd3")]  # fmt: skip
-    common = ["--backend", "torch", "--height", "1024", "--width", "1024", "--steps", "28", "--dtype", "bfloat16",
-              "--warmup", "1", "--repeat", "2", "--device", "cuda"]  # fmt: skip
+    common = ["--backend", "torch,triton", "--height", "1024", "--width", "1024", "--steps", "28", "--dtype",
+              "bfloat16", "--warmup", "1", "--repeat", "2", "--device", "cuda"]  # fmt: skip
     return [("flux-dev", ["--model", "flux-dev", "--guidance", "3.5", *common]),
             ("sd35-large", ["--model", "sd35-large", "--guidance", "3.5", *common])]
+
+
+def _part_dit_compile(out: Path, cuda: bool) -> dict:
+    if not cuda:
+        return {"status": "skipped", "detail": "compiling a FLUX.1-size transformer needs CUDA"}
+    argv = ["--model", "flux-dev", "--backend", "torch,compile", "--height", "1024", "--width", "1024", "--steps", "28",
+            "--guidance", "3.5", "--dtype", "bfloat16", "--warmup", "1", "--repeat", "2", "--device", "cuda"]
+    return _latency_part(out, [("flux-dev-compile", argv)])
 
 
 def _part_dit(out: Path, cuda: bool) -> dict:
@@ -272,11 +285,11 @@ def _part_parity(out: Path, cuda: bool) -> dict:
 
 _PART_FUNCTIONS = {"tests": _part_tests, "kernels": _part_kernels, "latency": _part_latency,
                    "compile": _part_compile, "embedded": _part_embedded, "parity": _part_parity, "lora": _part_lora,
-                   "dit": _part_dit, "controlnet": _part_controlnet}  # fmt: skip
+                   "dit": _part_dit, "dit-compile": _part_dit_compile, "controlnet": _part_controlnet}  # fmt: skip
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'part':10s} {'status':10s} {'s':>6s}  detail"]
+    lines = [f"{'part':12s} {'status':10s} {'s':>6s}  detail"]
     for part, r in results.items():
-        lines.append(f"{part:10s} {r['status']:10s} {r.get('seconds', 0):6.1f}  {r.get('detail', '')}")
+        lines.append(f"{part:12s} {r['status']:10s} {r.get('seconds', 0):6.1f}  {r.get('detail', '')}")
     return "\n".join(lines)

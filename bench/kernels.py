@@ -1,11 +1,17 @@
-"""``diffrt bench kernels``: the Triton kernels against torch on a CUDA GPU, at SD1.5 and SDXL shapes.
+"""``diffrt bench kernels``: the Triton kernels against torch on a CUDA GPU, at SD1.5, SDXL, FLUX.1 and SD3
+shapes.
 
 * GroupNorm + SiLU: effective bandwidth in GB/s (bytes = one read of x + one write of y) for
   :func:`diffrt.kernels.group_norm` with ``activation="silu"``, for torch's ``F.group_norm`` followed by
   ``F.silu``, and for a device-to-device ``copy_`` of the same tensor (the same bytes moved: the practical
   bandwidth ceiling).
 * Attention: TFLOP/s (``4 * B * H * Lq * Lk * D``, the two matmuls) for :func:`diffrt.kernels.attention`
-  and ``F.scaled_dot_product_attention``, on the ``[B, L, H, D]``-strided views diffusers passes.
+  and ``F.scaled_dot_product_attention``, on the ``[B, L, H, D]``-strided views diffusers passes (FLUX.1-dev
+  at 1024 px: 4096 image + 512 text tokens, 24 heads of 128).
+* The transformer blocks' row kernels (FLUX.1 and SD3): adaLN (:func:`adaln_modulate`), the gated residual with
+  the next modulated norm (:func:`gated_residual_adaln`) and the query/key RMSNorm with rotary embedding
+  (:func:`rms_norm_rope`), in GB/s of the bytes they must move (each input read once, each output written
+  once) against diffusers' eager ops for the same step and a ``copy_`` of as many bytes: the ceiling.
 
 Timing: CUDA events around single calls, the L2 cache flushed (a 256 MiB write) before each call, the
 candidates of one shape interleaved call by call (order alternating between repeats) after a warm-up, and
@@ -68,13 +74,19 @@ ATTENTION_SHAPES = {
         (2, 20, 1024, 77, 64),
     ],
 }
+ATTENTION_SHAPES["flux"] = [(1, 24, 4608, 4608, 128)]  # FLUX.1-dev, 1024 px: one pass (guidance distilled)
+ATTENTION_SHAPES["sd3"] = [(2, 24, 4429, 4429, 64)]  # SD3 medium, 1024 px: 4096 + 333 tokens, CFG batch 2
+ROW_SHAPES = {  # [B, tokens, width] of the adaLN kernels and [B, tokens, heads, head_dim] of the query/key norm
+    "flux": {"adaln": [(1, 4096, 3072), (1, 512, 3072), (1, 4608, 3072)], "qk_norm": [(1, 4608, 24, 128)]},
+    "sd3": {"adaln": [(2, 4096, 1536), (2, 333, 1536)], "qk_norm": [(2, 4429, 24, 64)]},
+}
+KERNELS = ("group_norm", "attention", "adaln", "qk_norm")
 _DTYPES = ("float16", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", choices=sorted(GROUP_NORM_SHAPES), default=["sd15", "sdxl"])
-    parser.add_argument("--kernels", nargs="+", choices=["group_norm", "attention"],
-                        default=["group_norm", "attention"])  # fmt: skip
+    parser.add_argument("--models", nargs="+", choices=sorted(ATTENTION_SHAPES), default=["sd15", "sdxl"])
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
     parser.add_argument(
         "--channels-last", action="store_true", help="GroupNorm inputs in channels_last memory"
@@ -219,6 +231,87 @@ def _bench_attention(shape, dtype, timing) -> dict:
     }
 
 
+def _bench_adaln(shape, dtype, timing, device="cuda") -> list[dict]:
+    """adaLN alone and the gated residual with the next modulated norm, against diffusers' eager ops."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..kernels.adaln import adaln_modulate, gated_residual_adaln
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, y = (torch.randn(shape, device=device, generator=gen).to(dtype) for _ in range(2))
+    emb = torch.randn(shape[0], 6 * shape[2], device=device, generator=gen).to(dtype)
+    shift, scale, gate = emb.chunk(6, dim=1)[:3]
+    width = shape[2]
+
+    def eager_adaln(v):
+        return F.layer_norm(v, (width,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    def eager_gated():
+        r = x + gate[:, None] * y
+        return r, eager_adaln(r)
+
+    rows = []
+    for name, fused, eager, tensors in (
+        ("adaln", lambda: adaln_modulate(x, shift, scale), lambda: eager_adaln(x), 2),
+        ("gated_residual_adaln", lambda: gated_residual_adaln(x, y, gate, shift, scale), eager_gated, 4),
+    ):  # fmt: skip
+        rows.append(_row_kernel(name, shape, x, fused, eager, tensors, timing))
+    return rows
+
+
+def _bench_qk_norm(shape, dtype, timing, device="cuda") -> dict:
+    """Query RMSNorm + FLUX's rotary embedding into a joint buffer, against diffusers' RMSNorm, concatenation and
+    ``apply_rotary_emb``."""
+    import torch
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    from ..kernels.qk_norm import rms_norm_rope
+
+    batch, tokens, heads, head_dim = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, tokens, heads * head_dim, device=device, generator=gen).to(dtype).unflatten(-1, (heads,
+                    head_dim))  # fmt: skip
+    norm = RMSNorm(head_dim, eps=1e-6).to(device, dtype)
+    angles = torch.rand(tokens, head_dim // 2, device=device, generator=gen) * 6.28
+    rope = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+    split = tokens // 9  # a text part and an image part, as FLUX joins them
+    joint = torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    def fused():
+        rms_norm_rope(q[:, :split], norm.weight, 1e-6, rope, out=joint, offset=0)
+        return rms_norm_rope(q[:, split:], norm.weight, 1e-6, rope, out=joint, offset=split)
+
+    def eager():
+        return apply_rotary_emb(torch.cat([norm(q[:, :split]), norm(q[:, split:])], dim=1), rope, sequence_dim=1)
+
+    return _row_kernel("qk_norm_rope", shape, q, fused, eager, 2, timing)
+
+
+def _row_kernel(name, shape, x, fused, eager, tensors, timing) -> dict:
+    """GB/s of ``fused`` and ``eager`` over the bytes of ``tensors`` activation-sized reads and writes, and of a
+    copy moving as many bytes (``tensors / 2`` copies of ``x``)."""
+    import torch
+
+    copies = [torch.empty_like(x) for _ in range(tensors // 2)]
+
+    def copy_fn():
+        for dst in copies:
+            dst.copy_(x)
+
+    fused_out, eager_out = fused(), eager()
+    fused_out = fused_out if isinstance(fused_out, tuple) else (fused_out,)
+    eager_out = eager_out if isinstance(eager_out, tuple) else (eager_out,)
+    err = max((a.float() - b.float()).abs().max().item() for a, b in zip(fused_out, eager_out, strict=True))
+    ms = timing({"triton": fused, "torch": eager, "copy": copy_fn})
+    nbytes = tensors * x.numel() * x.element_size()
+    gbps = {key: nbytes / (t * 1e-3) / 1e9 for key, t in ms.items()}
+    return {"kernel": name, "shape": list(shape), "bytes": nbytes, **{f"{k}_ms": v for k, v in ms.items()},
+            **{f"{k}_gbps": v for k, v in gbps.items()}, "speedup_vs_torch": ms["torch"] / ms["triton"],
+            "fraction_of_copy": gbps["triton"] / gbps["copy"], "max_abs_err": err}  # fmt: skip
+
+
 def _geomean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
@@ -242,12 +335,12 @@ def benchmark_kernels(
         )
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    unknown = [m for m in models if m not in GROUP_NORM_SHAPES]
+    unknown = [m for m in models if m not in ATTENTION_SHAPES]
     if unknown:
-        raise ValueError(f"unknown models {unknown}; choose from {sorted(GROUP_NORM_SHAPES)}")
-    bad = [k for k in kernels if k not in ("group_norm", "attention")]
+        raise ValueError(f"unknown models {unknown}; choose from {sorted(ATTENTION_SHAPES)}")
+    bad = [k for k in kernels if k not in KERNELS]
     if bad:
-        raise ValueError(f"unknown kernels {bad}; choose from group_norm, attention")
+        raise ValueError(f"unknown kernels {bad}; choose from {', '.join(KERNELS)}")
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
     torch_dtype = getattr(torch, dtype)
@@ -256,11 +349,11 @@ def benchmark_kernels(
     def timing(candidates):
         return time_side_by_side(candidates, warmup=warmup, repeats=repeats, flush=flush)
 
-    metrics: dict = {"group_norm": [], "attention": []}
+    metrics: dict = {"group_norm": [], "attention": [], "rows": []}
     with torch.inference_mode():
         for model in models:
             if "group_norm" in kernels:
-                for shape in GROUP_NORM_SHAPES[model]:
+                for shape in GROUP_NORM_SHAPES.get(model, []):
                     row = _bench_group_norm(shape, torch_dtype, channels_last, timing)
                     metrics["group_norm"].append({"model": model, **row})
             if "attention" in kernels:
@@ -268,6 +361,13 @@ def benchmark_kernels(
                     metrics["attention"].append(
                         {"model": model, **_bench_attention(shape, torch_dtype, timing)}
                     )
+            shapes = ROW_SHAPES.get(model, {})
+            if "adaln" in kernels:
+                for shape in shapes.get("adaln", []):
+                    metrics["rows"] += [{"model": model, **r} for r in _bench_adaln(shape, torch_dtype, timing)]
+            if "qk_norm" in kernels:
+                for shape in shapes.get("qk_norm", []):
+                    metrics["rows"].append({"model": model, **_bench_qk_norm(shape, torch_dtype, timing)})
     metrics["summary"] = {
         "group_norm_geomean_speedup_vs_torch": _geomean(
             [r["speedup_vs_torch"] for r in metrics["group_norm"]]
@@ -276,6 +376,8 @@ def benchmark_kernels(
             [r["fraction_of_copy"] for r in metrics["group_norm"]]
         ),
         "attention_geomean_speedup_vs_sdpa": _geomean([r["speedup_vs_sdpa"] for r in metrics["attention"]]),
+        "row_kernels_geomean_fraction_of_copy": _geomean([r["fraction_of_copy"] for r in metrics["rows"]]),
+        "row_kernels_geomean_speedup_vs_torch": _geomean([r["speedup_vs_torch"] for r in metrics["rows"]]),
     }
     settings = {
         "models": list(models),
@@ -289,6 +391,7 @@ def benchmark_kernels(
         "group_norm_groups": 32,
         "group_norm_bytes": "2 * numel * element_size (read x, write y)",
         "attention_flops": "4 * B * H * Lq * Lk * D",
+        "row_kernel_bytes": "activation-sized tensors read or written once (adaln 2, gated+norm 4, qk norm 2)",
     }
     return {"settings": settings, "metrics": metrics}
 
@@ -320,6 +423,17 @@ def format_table(result: dict) -> str:
                 f"{r['model']:6} {shape:>24} {r['triton_tflops']:8.1f} {r['sdpa_tflops']:8.1f} "
                 f"{r['speedup_vs_sdpa']:8.2f} {r['max_abs_err']:9.2e}"
             )
+    rows = result["metrics"].get("rows", [])
+    if rows:
+        lines.append("")
+        lines.append("Transformer row kernels (GB/s, median)")
+        lines.append(f"{'model':6} {'kernel':22} {'shape':>18} {'triton':>8} {'torch':>8} {'copy':>8} {'x torch':>8} "
+                     f"{'of copy':>8} {'max err':>9}")  # fmt: skip
+        for r in rows:
+            shape = "x".join(str(v) for v in r["shape"])
+            lines.append(f"{r['model']:6} {r['kernel']:22} {shape:>18} {r['triton_gbps']:8.0f} {r['torch_gbps']:8.0f} "
+                         f"{r['copy_gbps']:8.0f} {r['speedup_vs_torch']:8.2f} {r['fraction_of_copy']:8.0%} "
+                         f"{r['max_abs_err']:9.2e}")  # fmt: skip
     summary = result["metrics"].get("summary", {})
     if summary:
         lines.append("")

@@ -11,8 +11,9 @@ projections stay with cuBLAS.
 
 Memory passes over the activations, counted per double-stream block and stream (eager diffusers -> fused):
 adaLN 3 -> 1; residual + norm2 + modulation 5 -> 1; final residual 2 -> 1 (text: 3 -> 1 with the clip);
-q and k each: norm 1 + concatenation 1 + rotation ~5 -> 1 (the rotation's pair split, stack, two products
-and sum, each a pass over a float32 copy). The single-stream block: adaLN 3 -> 1, residual 3 -> 1.
+q and k each: 15 elementwise kernels -> 1 (diffusers' RMSNorm: the float32 cast, square, mean, product,
+cast back and weight, 6; the concatenation, 1; ``apply_rotary_emb``: negation, stack, two float32 casts, two
+products, sum and cast back, 8). The single-stream block: adaLN 3 -> 1, residual 3 -> 1.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ the joint (text + image) sequence, as one Triton kernel (inference).
 
 FLUX.1 (and SD3.5) normalize each head's query and key with RMSNorm (a learned weight over the head dim);
 FLUX then rotates interleaved pairs ``(x[2i], x[2i+1])`` by the position's angles, and the double-stream
-blocks concatenate the text and image tokens before attention. Eager PyTorch reads and writes q (and k)
-once for the norm, once for the concatenation and about four times for the rotation (pairs, their rotation,
-two products and a sum in float32, the cast back). :func:`rms_norm_rope` reads the projection's output once
-and writes the normalized, rotated rows into their place in the joint buffer: one pass. With ``rope=None``
+blocks concatenate the text and image tokens before attention. Eager diffusers launches 15 elementwise
+kernels over q (and as many over k): 6 in its RMSNorm, 1 for the concatenation, 8 in ``apply_rotary_emb``.
+:func:`rms_norm_rope` reads the projection's output once and writes the normalized, rotated rows into their
+place in the joint buffer: one pass. With ``rope=None``
 it is RMSNorm alone (SD3.5), and with ``weight=None`` and ``norm=False`` a copy into the joint buffer (SD3).
 
 The rotation, with ``cos``/``sin`` the position's ``[D]`` rows as diffusers' ``FluxPosEmbed`` makes them

@@ -20,6 +20,7 @@ def test_the_dry_run_runs_every_part_and_says_why_cuda_ones_skip(tmp_path, capsy
     parts = record["metrics"]
     assert list(parts) == list(gpu_suite.PARTS)
     assert parts["tests"]["status"] == parts["kernels"]["status"] == parts["compile"]["status"] == "skipped"
+    assert parts["dit-compile"]["status"] == "skipped"
     assert "CUDA" in parts["tests"]["detail"] and "CUDA" in parts["kernels"]["detail"]
     for part in ("latency", "embedded", "parity", "lora", "controlnet"):
         assert parts[part]["status"] == "passed", parts[part]

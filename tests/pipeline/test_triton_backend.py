@@ -92,3 +92,15 @@ def test_the_transformer_families_run_fused_and_match_torch(model, pair):
     if model == "tiny-flux":
         cached = dict(kw, steps=3, cache="fbcache:interval=2")
         torch.testing.assert_close(fused("a bag", **cached), eager("a bag", **cached), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_a_transformers_fused_loop_is_one_cuda_graph(model):
+    eager = diffrt.load(model, device="cuda", dtype=torch.float16)
+    fused = diffrt.load(model, device="cuda", dtype=torch.float16, backend="triton")
+    kw = dict(KW, steps=4, sampler="euler", height=64, width=64)
+    first = fused.generate("a red sneaker", **kw)
+    fused.generate("a blue coat", **kw)  # the same shapes: replayed
+    assert len(fused.backend.loop_capture) == 1 and first.stages.unet_calls_ms == []
+    torch.testing.assert_close(first.images, eager("a red sneaker", **kw), rtol=2e-2, atol=2e-2)
