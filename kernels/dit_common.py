@@ -15,12 +15,16 @@ from .attention import attention, head_dim_supported
 from .qk_norm import rms_norm_rope
 
 
-def adopt(new: nn.Module, block: nn.Module) -> nn.Module:
-    """``new`` with ``block``'s children under their own names (the same objects: nothing copied)."""
-    for name, child in block.named_children():
-        new.add_module(name, child)
-    new.train(block.training)
-    return new
+class FusedBlock(nn.Module):
+    """A fused block: ``block``'s children under their own names (the same objects: nothing copied);
+    ``original`` is its diffusers class, whose ``forward`` serves the calls the kernels do not cover."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.train(block.training)
+        self.original = type(block)
 
 
 def modulation(ada_norm: nn.Module, emb: torch.Tensor, chunks: int) -> tuple[torch.Tensor, ...]:
@@ -64,5 +68,5 @@ def attention_problem(heads: int, head_dim: int) -> str | None:
     return None
 
 
-__all__ = ["adopt", "attention_problem", "joint_attention", "modulation", "place", "plain_layer_norm",
+__all__ = ["FusedBlock", "attention_problem", "joint_attention", "modulation", "place", "plain_layer_norm",
            "qk_norm_problem"]  # fmt: skip

@@ -22,16 +22,19 @@ import torch
 from torch import nn
 
 from .adaln import adaln_modulate, gated_residual, gated_residual_adaln
-from .dit_common import adopt, attention_problem, joint_attention, modulation, place, plain_layer_norm, qk_norm_problem
+from .dit_common import (
+    FusedBlock,
+    attention_problem,
+    joint_attention,
+    modulation,
+    place,
+    plain_layer_norm,
+    qk_norm_problem,
+)
 
 
-class FusedFluxBlock(nn.Module):
+class FusedFluxBlock(FusedBlock):
     """A ``FluxTransformerBlock`` (its own submodules) running the fused kernels."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        adopt(self, block)
-        self.original = type(block)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                 joint_attention_kwargs=None):  # fmt: skip
@@ -56,13 +59,8 @@ class FusedFluxBlock(nn.Module):
         return encoder_hidden_states, hidden_states
 
 
-class FusedFluxSingleBlock(nn.Module):
+class FusedFluxSingleBlock(FusedBlock):
     """A ``FluxSingleTransformerBlock`` (its own submodules) running the fused kernels."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        adopt(self, block)
-        self.original = type(block)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                 joint_attention_kwargs=None):  # fmt: skip

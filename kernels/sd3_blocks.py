@@ -18,16 +18,22 @@ import torch
 from torch import nn
 
 from .adaln import adaln_modulate, gated_residual, gated_residual_adaln
-from .dit_common import adopt, attention_problem, joint_attention, modulation, place, plain_layer_norm, qk_norm_problem
+from .dit_common import (
+    FusedBlock,
+    attention_problem,
+    joint_attention,
+    modulation,
+    place,
+    plain_layer_norm,
+    qk_norm_problem,
+)
 
 
-class FusedJointBlock(nn.Module):
+class FusedJointBlock(FusedBlock):
     """A ``JointTransformerBlock`` (its own submodules) running the fused kernels."""
 
     def __init__(self, block: nn.Module):
-        super().__init__()
-        adopt(self, block)
-        self.original = type(block)
+        super().__init__(block)
         self.use_dual_attention, self.context_pre_only = block.use_dual_attention, block.context_pre_only
 
     def forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
