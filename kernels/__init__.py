@@ -1,9 +1,12 @@
-"""Fused Triton kernels for Stable-Diffusion U-Nets and VAEs (inference).
+"""Fused Triton kernels for Stable Diffusion U-Nets and VAEs, and the SD3 and FLUX.1 transformers (inference).
 
 * :func:`group_norm` -- GroupNorm (+ SiLU), NCHW or channels_last, split reduction for large groups.
 * :func:`attention` -- FlashAttention-style forward for ``[batch, heads, seq, head_dim]``.
-* :func:`patch` -- swaps both into a diffusers ``UNet2DConditionModel`` / ``AutoencoderKL``; ``restore()``
-  undoes it.
+* :func:`adaln_modulate`, :func:`gated_residual_adaln`, :func:`gated_residual` -- the adaLN LayerNorm and gated
+  residuals of SD3 / FLUX.1 transformer blocks; :func:`rms_norm_rope` -- their query/key RMSNorm with FLUX's
+  rotary embedding, into the joint sequence.
+* :func:`patch` -- swaps them into a diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` / ``ControlNetModel``
+  / ``FluxTransformer2DModel`` / ``SD3Transformer2DModel``; ``restore()`` undoes it.
 
 Triton is required.  Without a CUDA GPU the kernels run only under the Triton interpreter, which Triton
 enables when ``TRITON_INTERPRET=1`` is set *before* this package is imported (tests do this in conftest).
@@ -31,12 +34,20 @@ if __name__ == "kernels":  # imported as a top-level package, not as diffrt.kern
 
     _hand_over_to_hub_kernels()
 else:
+    from .adaln import adaln_modulate, adaln_reference, gated_residual, gated_residual_adaln
     from .attention import TritonAttnProcessor, attention, attention_config, attention_reference
     from .group_norm import GroupNormAct, group_norm, group_norm_config, group_norm_reference
     from .patch import PatchHandle, SiLULinear, patch
+    from .qk_norm import rms_norm_rope, rms_rope_reference
 
 __all__ = [
     "GroupNormAct",
+    "adaln_modulate",
+    "adaln_reference",
+    "gated_residual",
+    "gated_residual_adaln",
+    "rms_norm_rope",
+    "rms_rope_reference",
     "PatchHandle",
     "SiLULinear",
     "TritonAttnProcessor",
