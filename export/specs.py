@@ -11,18 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import families
+from ..families import unet_control
 from ..graphspec import PRECISIONS, TORCH_DTYPES, VARIABLES, Dim, GraphSpec, TensorSpec
 
 __all__ = ["PRECISIONS", "TORCH_DTYPES", "VARIABLES", "Dim", "GraphSpec", "ShapeRanges", "TensorSpec", "graph_names",
            "graph_profile", "graph_specs", "input_profile_shapes", "pixel_multiple"]  # fmt: skip
 
 DENOISER_GRAPHS = ("unet", "transformer")  # the graphs classifier-free guidance runs at twice the batch
-CONTROL_PREFIX = "controlnet_"  # ControlNet graphs: they run at the denoiser's batch too
 
 
 def guided_graph(name: str) -> bool:
-    """Whether classifier-free guidance runs graph ``name`` at twice the images' batch."""
-    return name in DENOISER_GRAPHS or name.startswith(CONTROL_PREFIX)
+    """Whether classifier-free guidance runs graph ``name`` at twice the images' batch (ControlNets too)."""
+    return name in DENOISER_GRAPHS or unet_control.is_graph(name)
 
 
 @dataclass(frozen=True)

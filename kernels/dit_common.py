@@ -62,7 +62,7 @@ def joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     return out.transpose(1, 2).flatten(2)
 
 
-def attention_problem(heads: int, head_dim: int) -> str | None:
+def attention_problem(head_dim: int) -> str | None:
     if not head_dim_supported(head_dim):
         return f"head dim {head_dim} is not supported by the attention kernel"
     return None

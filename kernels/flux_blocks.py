@@ -132,7 +132,7 @@ def attn_problem(attn: nn.Module) -> str | None:
     if getattr(attn, "fused_projections", False):
         return "fused projections (fuse_qkv_projections) left as is"
     norms = [attn.norm_q, attn.norm_k, getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None)]
-    problems = [p for p in map(qk_norm_problem, norms) if p] or [attention_problem(attn.heads, attn.head_dim)]
+    problems = [p for p in map(qk_norm_problem, norms) if p] or [attention_problem(attn.head_dim)]
     return next((p for p in problems if p), None)
 
 

@@ -129,7 +129,7 @@ def attn_problem(attn: nn.Module) -> str | None:
         return f"processor {type(attn.processor).__name__} left as is"
     norms = [attn.norm_q, attn.norm_k, getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None)]
     problems = [p for p in map(qk_norm_problem, norms) if p]
-    return problems[0] if problems else attention_problem(attn.heads, attn.to_k.out_features // attn.heads)
+    return problems[0] if problems else attention_problem(attn.to_k.out_features // attn.heads)
 
 
 def claims(attn: nn.Module) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,11 +42,10 @@ def load(sources, components, dtype=None) -> list:
     items = list(sources) if isinstance(sources, list | tuple) else [sources]
     if not items:
         raise ValueError("controlnet= is an empty list: give a ControlNet folder (or several)")
-    loaded = []
+    loaded, wanted = [], components.denoiser.dtype if dtype is None else dtype
     for item in items:
         module, where = _module(item, dtype, components.unet)
         family.check_controlnet(components, module, where)
-        wanted = components.denoiser.dtype if dtype is None else dtype
         # nn.Module.to, not diffusers' override: that one warns about casting instead of reloading
         loaded.append(module if module.dtype == wanted else nn.Module.to(module, wanted))
     return loaded
@@ -94,8 +94,6 @@ def random_controlnet(unet, seed: int = 0, std: float = 0.02):
 
 
 def _folder(path):
-    from pathlib import Path
-
     if not isinstance(path, str | os.PathLike):
         raise ValueError(f"controlnet= takes folders, embedded names ({', '.join(embedded.CONTROLNETS)}) or "
                          f"ControlNetModel objects, got {type(path).__name__}")  # fmt: skip
@@ -217,20 +215,21 @@ def native_size(control_image, count: int) -> tuple[int, int] | None:
 class ControlLoop:
     """One denoising loop's ControlNet calls. ``keeps``: per model call, which ControlNets act; ``graphs`` their
     graph names; ``images`` per ControlNet [B, C, H, W] for the rows it sees (with guess mode and classifier-free
-    guidance: the conditional half only); ``scales`` a float tensor [count]; ``guided``: the model's batch is
-    [unconditional, conditional]; ``channels``: the latents' (a 9-channel U-Net's ControlNet sees those only);
-    ``zeros(sample)``: zero residuals for a batch, when no ControlNet acts."""
+    guidance: the conditional half only); ``scales`` a float tensor [count]; ``ramp``: guess mode's weight of each
+    residual (None: no guess mode); ``guided``: the model's batch is [unconditional, conditional];
+    ``channels``: the latents' (a 9-channel U-Net's ControlNet sees those only); ``zeros(sample)``: zero
+    residuals for a batch, when no ControlNet acts."""
 
-    def __init__(self, keeps, graphs, images, scales, *, guess_mode: bool, guided: bool, channels: int, zeros):
+    def __init__(self, keeps, graphs, images, scales, *, ramp, guided: bool, channels: int, zeros):
         self.keeps, self.graphs, self.images, self.scales = keeps, graphs, images, scales
-        self.guess_mode, self.guided, self.channels, self.zeros = guess_mode, guided, channels, zeros
+        self.ramp, self.guided, self.channels, self.zeros = ramp, guided, channels, zeros
         self.call = 0
 
     def residuals(self, run, sample: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> dict:
         """The summed, scaled residuals for the U-Net at this model call (zeros when no ControlNet acts)."""
         acting = self.keeps[min(self.call, len(self.keeps) - 1)]
         self.call += 1
-        only_cond = self.guess_mode and self.guided
+        only_cond = self.ramp is not None and self.guided
         rows = slice(sample.shape[0] // 2, None) if only_cond else slice(None)
         inputs = {"sample": sample[rows, : self.channels], "timestep": timestep[rows],
                   **{k: v[rows] for k, v in conditioning.items() if k != "timestep_cond"}}  # fmt: skip
@@ -239,7 +238,7 @@ class ControlLoop:
             if not acting[k]:
                 continue
             out = run(graph, controlnet_cond=self.images[k], **inputs)
-            weights = self._weights(len(out), self.scales[k])
+            weights = [self.scales[k]] * len(out) if self.ramp is None else self.ramp * self.scales[k]
             scaled = {name: value * w for (name, value), w in zip(out.items(), weights, strict=True)}
             total = scaled if total is None else {name: total[name] + value for name, value in scaled.items()}
         if total is None:
@@ -247,12 +246,6 @@ class ControlLoop:
         if only_cond:  # diffusers feeds the unconditional half zeros
             total = {name: torch.cat([torch.zeros_like(value), value]) for name, value in total.items()}
         return total
-
-    def _weights(self, count: int, scale: torch.Tensor) -> list[torch.Tensor]:
-        if not self.guess_mode:
-            return [scale] * count
-        ramp = torch.logspace(-1, 0, count, device=scale.device) * scale  # 0.1 .. 1: the mid block's is 1
-        return list(ramp)
 
 
 # --------------------------------------------------------------------------------------------------- canny

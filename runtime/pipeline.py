@@ -342,16 +342,16 @@ class Pipeline:
 
     def _control_loop(self, settings: control.Control, calls: int, images, scales, guided: bool):
         """A fresh :class:`~diffrt.control.ControlLoop` (its call count starts at 0) over this call's images."""
-        spec = self.backend.specs[self.family.denoiser_part]
-        residuals = [t for t in spec.inputs if t.name in self.backend.specs["controlnet_0"].output_names]
-        factor = self.vae_scale_factor
+        graphs = self.family.control_graphs(self.components)
+        residuals, factor = self.backend.specs[graphs[0]].outputs, self.vae_scale_factor
 
         def zeros(sample):
             values = {"batch": sample.shape[0], "height": sample.shape[2] * factor, "width": sample.shape[3] * factor}
             return {t.name: sample.new_zeros(t.shape(values)) for t in residuals}
 
-        return control.ControlLoop(settings.keeps(calls), self.family.control_graphs(self.components), images, scales,
-                                   guess_mode=settings.guess_mode, guided=guided,
+        # guess mode weights the residuals from 0.1 (the first) to 1 (the mid block's), as diffusers does
+        ramp = torch.logspace(-1, 0, len(residuals), device=self.device) if settings.guess_mode else None
+        return control.ControlLoop(settings.keeps(calls), graphs, images, scales, ramp=ramp, guided=guided,
                                    channels=self.components.latent_channels, zeros=zeros)  # fmt: skip
 
     def _loop_denoiser(self, guidance: float, rescale: float, cond, uncond, image_latents, repaint, unet_extra,

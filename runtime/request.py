@@ -137,12 +137,12 @@ def build(
     picture = None if image is None else image_tensor(image, n)
     mask = _mask(mask_image, picture, n, rules)
     if picture is not None:
-        height, width = _picture_size(picture, height, width, rules)
+        height, width = _picture_size(tuple(picture.shape[-2:]), height, width, rules)
         picture, mask = _fit("image", picture, height, width), _fit("mask_image", mask, height, width)
         strength = _check_strength(strength, steps, mask is not None)
     native = controlnets.native_size(control_image, rules.controlnets) if picture is None else None
     if native is not None and (height is None or width is None):
-        height, width = _picture_size(torch.empty(1, 1, *native), height, width, rules)
+        height, width = _picture_size(native, height, width, rules)
     height, width = height or rules.default_size, width or rules.default_size
     control = controlnets.settings(rules.controlnets, control_image, controlnet_scale, control_start, control_end,
                                    guess_mode, n, height, width)  # fmt: skip
@@ -225,12 +225,12 @@ def _check_size(name: str, value, rules: Rules) -> int | None:
     return value
 
 
-def _picture_size(picture: torch.Tensor, height, width, rules: Rules) -> tuple[int, int]:
-    """The call's size with an input picture: the one asked for, else the picture's own (rounded down to the
-    size step), scaled down to the model's default size when the picture is more than twice that."""
+def _picture_size(size: tuple[int, int], height, width, rules: Rules) -> tuple[int, int]:
+    """The call's size with an input picture of ``size`` (h, w): the one asked for, else the picture's own
+    (rounded down to the size step), scaled down to the model's default size when it is more than twice that."""
     if height is not None and width is not None:
         return height, width
-    h, w = picture.shape[-2:]
+    h, w = size
     limit = 2 * rules.default_size
     scale = min(1.0, rules.default_size / max(h, w)) if max(h, w) > limit else 1.0
     if height is None and width is None:  # a picture far larger than the model's size: _fit says so

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .. import optional
+from ..families import unet_control
 from ..graphs import LoopGraphCache
 from .base import check_options
 from .torch_backend import TorchBackend
@@ -52,7 +53,7 @@ class TritonBackend(TorchBackend):
 
     def prepare(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prepared = super().prepare(graph, inputs)
-        if graph == "unet" or graph.startswith("controlnet_"):
+        if graph == "unet" or unet_control.is_graph(graph):
             prepared["sample"] = prepared["sample"].contiguous(memory_format=torch.channels_last)
         return prepared
 

@@ -159,7 +159,7 @@ class UNetFamily:
 
     def control_graphs(self, components) -> list[str]:
         """The graph of each loaded ControlNet, in the order their images and scales are given."""
-        return [f"controlnet_{k}" for k in range(len(components.controlnets))]
+        return [unet_control.graph_name(k) for k in range(len(components.controlnets))]
 
     def graph_names(self, components) -> list[str]:
         return [*self.text_graphs(components), self.denoiser_part, *self.control_graphs(components), *VAE_GRAPHS]

@@ -16,14 +16,20 @@ from ..graphspec import Dim, TensorSpec
 
 MID = "mid_res"
 CLASSES = ("ControlNetModel",)
+GRAPH_PREFIX = "controlnet_"  # ControlNet k's graph is controlnet_k
+
+
+def graph_name(index: int) -> str:
+    return f"{GRAPH_PREFIX}{index}"
+
+
+def is_graph(name: str) -> bool:
+    """Whether graph ``name`` is a ControlNet's (it runs at the denoiser's batch and inputs)."""
+    return name.startswith(GRAPH_PREFIX)
 
 
 def down_names(unet_config) -> list[str]:
     return [f"down_res_{k}" for k in range(len(_down_levels(unet_config)))]
-
-
-def residual_names(unet_config) -> list[str]:
-    return [*down_names(unet_config), MID]
 
 
 def _layers(config, block: int) -> int:
