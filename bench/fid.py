@@ -17,6 +17,7 @@ with the Canny edges of that class's k-th test image as its control (:mod:`diffr
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..defaults import DEFAULT_MODEL
@@ -48,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allowed absolute drop of adherence")  # fmt: skip
     parser.add_argument("--update-baseline", action="store_true", help="write this run as the new baseline")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=None, help="draw the samples through `diffrt batch` (Ray "
+                        "Data) with this many workers: 8-bit PNGs, resumable with --samples-dir")  # fmt: skip
+    parser.add_argument("--samples-dir", default=None, help="with --workers: the batch's folder (PNGs, manifest); "
+                        "a rerun reuses its finished images (default: a temporary folder)")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON result file of this run")
     parser.set_defaults(run=run)
 
@@ -62,17 +67,55 @@ def measure(pipe, settings: dict) -> dict:
     from . import quality
 
     per_class = settings["samples"] // quality.NUM_CLASSES
+    if settings.get("workers"):
+        scores = quality.score(*_batch_samples(settings, per_class))
+        return _metrics(scores, settings)
     controls = _controls(settings["samples"]) if settings.get("controlnet") else None
     scores = quality.evaluate_pipeline(
         pipe, per_class=per_class, prompts=settings["prompts"], seed=settings["seed"], batch_size=100,
         controls=controls, steps=settings["steps"], sampler=settings["sampler"], guidance=settings["guidance"],
         height=settings["height"], width=settings["width"], cache=settings.get("cache"),
     )  # fmt: skip
+    return _metrics(scores, settings)
+
+
+def _metrics(scores: dict, settings: dict) -> dict:
     return {
         "fid": scores["fid"], "kid_mean": scores["kid_mean"], "kid_std": scores["kid_std"],
         "adherence": scores["adherence"], "adherence_per_class": scores["adherence_per_class"],
         "kid_subset_size": min(1000, settings["samples"]),
     }  # fmt: skip
+
+
+def _batch_samples(settings: dict, per_class: int):
+    """The run's images made by ``diffrt batch`` (Ray Data, ``settings['workers']`` workers), read back from their
+    PNGs in plan order, with their labels."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..serve import batch
+    from . import quality
+
+    plan = quality.sample_plan(per_class, settings["prompts"], settings["seed"])
+    options = {key: settings[key] for key in ("steps", "sampler", "guidance", "width", "height")}
+    with tempfile.TemporaryDirectory(prefix="diffrt-fid-") as scratch:
+        folder = Path(settings["samples_dir"] or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        prompts = folder / "samples.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": text, "seed": seed, **options}) + "\n"
+                                   for _, _, text, seed in plan))  # fmt: skip
+        runner = batch.BatchSettings(model=settings["model_source"], device=settings["device"],
+                                     workers=settings["workers"], batch_size=100 // settings["workers"] or 1)
+        summary = batch.run(prompts, folder, runner)
+        if summary["failed"]:
+            raise ValueError(batch.describe(summary, folder))
+        files = {entry["row"]: folder / entry["file"] for entry in batch.finished(folder).values()}
+        pixels = [np.asarray(Image.open(files[row]).convert("RGB")) for row in range(len(plan))]
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
+    return images, torch.tensor([label for label, *_ in plan])
 
 
 def _controls(samples: int) -> dict:
@@ -131,7 +174,20 @@ def _settings(args, pipe) -> dict:
         "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
         "samples": args.samples, "seed": args.seed, "prompts": args.prompts, "height": size[0], "width": size[1],
         "dtype": "float32", "device": args.device, "cache": args.cache, "controlnet": args.controlnet,
+        "workers": args.workers, "samples_dir": args.samples_dir, "model_source": args.model,
     }  # fmt: skip
+
+
+def _check_workers(args) -> None:
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    given = [flag for flag, value in (("--cache", args.cache), ("--controlnet", args.controlnet)) if value]
+    if given:
+        raise ValueError(f"--workers draws plain text-to-image rows through diffrt batch: it does not run with "
+                         f"{' or '.join(given)}")  # fmt: skip
+    from ..optional import require
+
+    require("ray", "pyarrow", feature="bench fid --workers")
 
 
 def run(args) -> int:
@@ -152,6 +208,8 @@ def run(args) -> int:
         from ..step_cache import parse
 
         args.cache = str(parse(args.cache))  # one spelling in the baseline; a bad spec fails before the slow part
+    if args.workers is not None:
+        _check_workers(args)
     baseline = None if args.update_baseline else read_baseline(args.baseline)
     pipe = diffrt.load(args.model, device=args.device, controlnet=args.controlnet)
     settings = _settings(args, pipe)

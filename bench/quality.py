@@ -181,6 +181,31 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path, feature:
 # ------------------------------------------------------------------------------------ a whole model
 
 
+def sample_plan(per_class: int, prompts: str = "canonical", seed: int = 0) -> list[tuple[int, int, str, int]]:
+    """(label, index in its class, prompt, seed) of every image a quality run generates, in order.
+    ``prompts``: "canonical" ("an ankle boot", ...) or "held_out" (phrases never captioned)."""
+    if prompts not in ("canonical", "held_out"):
+        raise ValueError(f"prompts must be 'canonical' or 'held_out', got {prompts!r}")
+    texts = {k: captions.class_prompt(k) if prompts == "canonical" else captions.HELD_OUT[k]
+             for k in range(NUM_CLASSES)}  # fmt: skip
+    return [(label, i, texts[label], seed + label * 1_000_003 + i) for label in range(NUM_CLASSES)
+            for i in range(per_class)]  # fmt: skip
+
+
+@torch.no_grad()
+def score(images: torch.Tensor, labels: torch.Tensor, classifier=None, reference=None) -> dict:
+    """Adherence (overall and per class), domain FID and KID of images [N, 3, H, W] in [0, 1] made for ``labels``."""
+    classifier = classifier if classifier is not None else load_classifier()
+    reference = reference if reference is not None else load_reference(classifier=classifier)
+    predicted = predict(images, classifier)
+    per = {captions.CLASS_NAMES[k]: float((predicted[labels == k] == k).float().mean()) for k in range(NUM_CLASSES)}
+    kid_mean, kid_std = domain_kid(images, classifier, reference)
+    return {
+        "images": len(images), "adherence": float((predicted == labels).float().mean()), "adherence_per_class": per,
+        "fid": domain_fid(images, classifier, reference), "kid_mean": kid_mean, "kid_std": kid_std,
+    }  # fmt: skip
+
+
 @torch.no_grad()
 def evaluate_pipeline(pipe, per_class: int = 100, prompts: str = "canonical", seed: int = 0, batch_size: int = 50,
                       classifier=None, reference=None, controls=None, **call_options) -> dict:  # fmt: skip
@@ -188,29 +213,19 @@ def evaluate_pipeline(pipe, per_class: int = 100, prompts: str = "canonical", se
     domain FID and KID. ``prompts``: "canonical" ("an ankle boot", ...) or "held_out" (phrases never captioned).
     ``controls``: with a ControlNet loaded, per class the control pictures [per_class, 3, H, W] of its images.
     ``call_options`` go to the pipeline (steps, sampler, guidance, ...)."""
-    if prompts not in ("canonical", "held_out"):
-        raise ValueError(f"prompts must be 'canonical' or 'held_out', got {prompts!r}")
+    plan = sample_plan(per_class, prompts, seed)  # a bad prompts= fails before the classifier loads
     classifier = classifier if classifier is not None else load_classifier()
     reference = reference if reference is not None else load_reference(classifier=classifier)
-    texts = {k: captions.class_prompt(k) if prompts == "canonical" else captions.HELD_OUT[k]
-             for k in range(NUM_CLASSES)}  # fmt: skip
-    jobs = [(label, i) for label in range(NUM_CLASSES) for i in range(per_class)]
     images, start_time = [], time.perf_counter()
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        seeds = [seed + label * 1_000_003 + i for label, i in chunk]
-        control = {} if controls is None else {"control_image": torch.stack([controls[label][i] for label, i in chunk])}
-        images.append(pipe([texts[label] for label, _ in chunk], seed=seeds, output_type="pt", progress=False,
-                           **control, **call_options).float())  # fmt: skip
+    for start in range(0, len(plan), batch_size):
+        chunk = plan[start : start + batch_size]
+        control = {} if controls is None else {"control_image": torch.stack([controls[label][i] for label, i, _, _ in
+                                                                             chunk])}  # fmt: skip
+        images.append(pipe([text for _, _, text, _ in chunk], seed=[s for *_, s in chunk], output_type="pt",
+                           progress=False, **control, **call_options).float())  # fmt: skip
     generate_s = time.perf_counter() - start_time
-    images = torch.cat(images)
-    labels = torch.tensor([label for label, _ in jobs])
-    predicted = predict(images, classifier)
-    per = {captions.CLASS_NAMES[k]: float((predicted[labels == k] == k).float().mean()) for k in range(NUM_CLASSES)}
-    kid_mean, kid_std = domain_kid(images, classifier, reference)
+    labels = torch.tensor([label for label, *_ in plan])
     return {
-        "prompts": prompts, "per_class": per_class, "images": len(images),
-        "adherence": float((predicted == labels).float().mean()), "adherence_per_class": per,
-        "fid": domain_fid(images, classifier, reference), "kid_mean": kid_mean, "kid_std": kid_std,
+        "prompts": prompts, "per_class": per_class, **score(torch.cat(images), labels, classifier, reference),
         "generate_s": generate_s, "call_options": {k: str(v) for k, v in call_options.items()},
     }  # fmt: skip

@@ -190,9 +190,17 @@ def _lora(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
     return table(record["metrics"]), []
 
 
+def _serve(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    """Load scenarios per endpoint: images/s, latency percentiles, the Server scenario's rate."""
+    from .serve import HEADER, rows
+
+    return _table(HEADER, rows(record["settings"], record["metrics"])), []
+
+
 SECTIONS = {
     "latency": _latency, "throughput": _throughput, "samplers": _samplers, "samplers-model": _model_samplers,
     "fid": _fid, "cache": _cache, "coldstart": _coldstart, "lora": _lora,
+    "serve": _serve,
 }  # fmt: skip
 
 

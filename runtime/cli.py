@@ -31,6 +31,7 @@ def _add_bench(subparsers) -> None:
     from .bench import lora as bench_lora
     from .bench import report as bench_report
     from .bench import samplers as bench_samplers
+    from .bench import serve as bench_serve
     from .bench import throughput as bench_throughput
 
     commands = (
@@ -44,6 +45,7 @@ def _add_bench(subparsers) -> None:
         (bench_lora, "lora", "LoRA load, switch and unload times, step cost with an adapter, its effect", FILE),
         (bench_controlnet, "controlnet", "ControlNet: edge agreement with the control and adherence, with and "
          "without it", FILE),
+        (bench_serve, "serve", "load scenarios against diffrt serve endpoints: SingleStream, Offline, Server", FILE),
         (bench_coldstart, "coldstart", "fresh process to first image: per backend, caches cold and warm", FILE),
         (bench_gpu, "gpu", "every GPU check and measurement in one time-boxed run (a dry run without CUDA)", FOLDER),
     )
@@ -229,6 +231,89 @@ def _control_options(args, pictures: list) -> dict:
                 control_end=args.control_end, guess_mode=args.guess_mode)
 
 
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="an HTTP image endpoint on Ray Serve (dynamic batching, replicas)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"as for generate (default: {DEFAULT_MODEL})")
+    p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the cluster has GPUs)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA merged at load; requests set its scale by name with \"lora\": {name: scale}")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (one GPU each on a GPU cluster; else a "
+                   "share of the CPUs each; default 1)")  # fmt: skip
+    p.add_argument("--replica-cpus", type=float, default=None, help="CPUs (and torch threads) per CPU replica "
+                   "(default: the cluster's CPUs / replicas, with one fewer torch thread left to Ray's proxy)")
+    p.add_argument("--max-batch", type=int, default=8, help="most images in one pipeline call (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests "
+                   "after the first (default 20)")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests past this get 503 (default 64)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets 504 (default 120)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--address", default=None, help="an existing Ray cluster to join (auto, HOST:PORT or "
+                   "ray://HOST:PORT); default: a local one for this command")  # fmt: skip
+    p.add_argument("--name", default="diffrt", help="the Ray Serve application's name (default diffrt)")
+    p.add_argument("--route-prefix", default="/", help="URL prefix of this application (default /)")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args) -> int:
+    from . import lora
+    from .optional import require
+
+    require("ray", "fastapi", feature="diffrt serve")
+    from .serve import app
+
+    settings = app.Settings(
+        model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+        loras=tuple(lora.parse_spec(spec) for spec in args.lora), replicas=args.replicas, max_batch=args.max_batch,
+        batch_wait_s=args.batch_wait_ms / 1000, max_queue=args.max_queue, timeout_s=args.timeout,
+        replica_cpus=args.replica_cpus, name=args.name, route_prefix=args.route_prefix,
+    )  # fmt: skip
+    app.run(settings, host=args.host, port=args.port, address=args.address)
+    return 0
+
+
+def _add_batch(subparsers) -> None:
+    p = subparsers.add_parser("batch", help="images for every row of a prompts file on Ray Data (resumable)")
+    p.add_argument("prompts", help="a .txt file (a prompt per line) or .jsonl (objects with prompt and any of seed, "
+                   "steps, sampler, guidance, negative_prompt, width, height)")  # fmt: skip
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"as for generate (default: {DEFAULT_MODEL})")
+    p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the cluster has GPUs)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--out", required=True, help="folder of the PNGs and manifest.jsonl; a rerun skips finished rows")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, each with a loaded pipeline (default 1)")
+    p.add_argument("--worker-cpus", type=float, default=None, help="CPUs (and torch threads) per CPU worker "
+                   "(default: the cluster's CPUs / workers, with one fewer torch thread left to Ray)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="the k-th row without a seed gets seed + k (default 0)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster to join (default: a local one)")
+    p.add_argument("--result", default=None, help="also write the counts and times as a JSON result (stamped with "
+                   "the device and versions, like the bench commands)")  # fmt: skip
+    p.set_defaults(run=_batch, out_kind=FOLDER)
+
+
+def _batch(args) -> int:
+    from .optional import require
+
+    require("ray", "pyarrow", feature="diffrt batch")
+    from .serve import batch
+
+    settings = batch.BatchSettings(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                                   workers=args.workers, batch_size=args.batch_size, worker_cpus=args.worker_cpus)
+    summary = batch.run(args.prompts, args.out, settings, seed=args.seed, address=args.address)
+    print(batch.describe(summary, args.out))
+    if args.result:
+        from dataclasses import asdict
+
+        from .results import write_result
+
+        record = {**asdict(settings), "prompts": args.prompts, "seed": args.seed, "address": args.address}
+        print(f"wrote {write_result(args.result, 'batch', record, {**summary, 'failed': len(summary['failed'])})}")
+    return 2 if summary["failed"] else 0
+
+
 def _samplers(args) -> int:
     from . import samplers
 
@@ -251,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(subparsers)
     _add_train(subparsers)
     _add_models(subparsers)
+    _add_serve(subparsers)
+    _add_batch(subparsers)
     return parser
 
 

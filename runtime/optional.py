@@ -18,6 +18,9 @@ EXTRAS = {
     "torch_fidelity": "torch-fidelity",
     "peft": "diffrt[lora]",
     "cv2": "diffrt[control]",
+    "ray": "diffrt[serve]",
+    "fastapi": "diffrt[serve]",
+    "pyarrow": "diffrt[serve]",
 }
 
 

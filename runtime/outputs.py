@@ -96,9 +96,14 @@ def write(image, path: str | os.PathLike) -> None:
     """One PIL image to ``path`` in the format its extension names, atomically (no half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, encode(image, _image_format(str(path))))
+
+
+def encode(image, image_format: str = "PNG") -> bytes:
+    """One PIL image as the bytes of an image file: what ``write`` stores and ``diffrt serve`` sends."""
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format=_image_format(str(path)))
-    atomic_write_bytes(path, buffer.getvalue())
+    image.convert("RGB").save(buffer, format=image_format)
+    return buffer.getvalue()
 
 
 def grid_shape(n: int) -> tuple[int, int]:

@@ -174,10 +174,19 @@ class Pipeline:
 
     def generate(self, prompt, negative_prompt=None, **options) -> Result:
         """Like calling the pipeline, but returns a :class:`Result` with this call's own seeds and stage times."""
+        return self._run(self._checked(prompt, negative_prompt, options))
+
+    def check(self, prompt, negative_prompt=None, **options) -> None:
+        """Every check ``generate`` makes before any work (the arguments, the step cache, the memory), without
+        running the call: a ValueError names the bad value and what is allowed. Servers check a request with it
+        before queueing it."""
+        self._checked(prompt, negative_prompt, options)
+
+    def _checked(self, prompt, negative_prompt, options: dict) -> Request:
         req = request.build(self.rules, prompt, negative_prompt, **options)
         self._check_cache(req)
         self._check_memory(req, batch_name="num_images (or generate_batches)")
-        return self._run(req)
+        return req
 
     def generate_batches(self, prompt, negative_prompt=None, *, batch_size: int = 8, **options):
         """Yield one :class:`Result` per batch of at most ``batch_size`` images, in order: memory stays that of

@@ -12,7 +12,7 @@ Layers, lowest first (a module may import its own layer and the layers below):
               CUDA-graph capture, the exported-artifact reader, the Fashion-MNIST domain
   2 export    ONNX / TensorRT export, Triton kernels and their module patcher
   3 assembly  ``diffrt.load``: a source and a backend with what it needs from the export and kernel layers
-  4 tools     benchmarks and training
+  4 tools     benchmarks, training, serving and batch generation on Ray
   5 cli       the command line
 """
 
@@ -36,7 +36,7 @@ RUNTIME = ("diffrt.components", "diffrt.families", "diffrt.graphspec", "diffrt.l
            "diffrt.lora", "diffrt.inversion", "diffrt.control")  # fmt: skip
 EXPORT = ("diffrt.export", "diffrt.kernels")
 ASSEMBLY = ("diffrt.api",)
-TOOLS = ("diffrt.bench", "diffrt.train")
+TOOLS = ("diffrt.bench", "diffrt.train", "diffrt.serve")
 CLI = ("diffrt.cli", "diffrt.export.cli", "diffrt.train.cli")
 LAYERS = (CORE, RUNTIME, EXPORT, ASSEMBLY, TOOLS, CLI)
 LAYER_NAMES = ("core", "runtime", "export", "assembly", "tools", "cli")

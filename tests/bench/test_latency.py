@@ -15,6 +15,7 @@ def test_percentiles_match_numpy(values):
     got = percentiles(values)
     assert got["p50"] == pytest.approx(np.percentile(values, 50))
     assert got["p90"] == pytest.approx(np.percentile(values, 90))
+    assert got["p99"] == pytest.approx(np.percentile(values, 99))
     assert got["min"] == min(values)
     with pytest.raises(ValueError, match="empty"):
         percentiles([])

@@ -1,0 +1,315 @@
+"""``diffrt serve``: a Ray Serve application with two deployments.
+
+- ``Generator`` (N replicas; one per GPU on a GPU machine): loads the pipeline once, warms it up, checks each job
+  with the library's own checks and queues it for ``@serve.batch``, which hands it the jobs that arrived together;
+  jobs with compatible settings run as one pipeline call and the images are split back per job.
+- ``Gateway`` (the FastAPI ingress, one replica): the HTTP API of :mod:`diffrt.serve.protocol`, backpressure
+  (503 with Retry-After past ``max_queue`` waiting requests), a per-request timeout (504), one retry on another
+  replica when a replica dies mid-request (then a 503), ``/health``, ``/metrics``, ``/v1/models`` and the page.
+"""
+
+import asyncio
+import base64
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from . import protocol
+from .metrics import Metrics
+from .resources import cpu_share, torch_threads
+
+REPLICA_RETRIES = 1  # a request whose replica died is sent once more, to a live one
+HEALTH_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``diffrt serve`` was asked to run."""
+
+    model: str
+    backend: str = "torch"
+    device: str | None = None
+    dtype: str | None = None
+    loras: tuple = ()  # (path, scale) pairs merged at load; requests may rescale them by name
+    replicas: int = 1
+    max_batch: int = 8  # images per pipeline call (and requests per @serve.batch call)
+    batch_wait_s: float = 0.02  # how long a batch waits for more requests once the first arrives
+    max_queue: int = 64  # requests waiting past this get 503
+    timeout_s: float = 120.0  # a request not answered by then gets 504
+    replica_cpus: float | None = None  # CPU replicas: CPUs (and torch threads) each; default: the machine's / N
+    name: str = "diffrt"  # the Ray Serve application's name
+    route_prefix: str = "/"
+
+    def check(self) -> None:
+        for name, low in (("replicas", 1), ("max_batch", 1), ("max_queue", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("batch_wait_s", "timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0 or (name == "timeout_s"
+                                                                                             and value == 0):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        if self.replica_cpus is not None and not self.replica_cpus > 0:
+            raise ValueError(f"replica_cpus must be > 0, got {self.replica_cpus!r}")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
+
+
+@serve.deployment
+class Generator:
+    def __init__(self, settings: Settings, threads: int | None):
+        import torch
+
+        from .. import load, samplers
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.settings = settings
+        self.pipe = load(settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype,
+                         loras=list(settings.loras))  # fmt: skip
+        self.base_loras = {name: info["scale"] for name, info in self.pipe.loras.items()}
+        self.loras = dict(self.base_loras)
+        self.pipe("warm-up", seed=0)  # the first call pays one-time costs; the replica is ready only after it
+        size = self.pipe.default_size
+        self.resolved = {**self.pipe.defaults, "width": size, "height": size}  # what a request leaves out
+        self.info_record = {
+            "model": settings.model, "backend": settings.backend, "device": str(self.pipe.device),
+            "dtype": str(self.pipe.dtype).removeprefix("torch."), "defaults": self.pipe.defaults,
+            "size": self.pipe.default_size, "samplers": list(samplers.available()), "loras": self.base_loras,
+            "max_batch": settings.max_batch, "max_images": protocol.MAX_IMAGES,
+        }  # fmt: skip
+        self.run_batch.set_max_batch_size(settings.max_batch)
+        self.run_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
+
+    def info(self) -> dict:
+        return {**self.info_record, "pid": os.getpid()}
+
+    async def submit(self, job: protocol.Job) -> dict:
+        """Check the job as the library would run it, then wait for its batch's answer."""
+        try:
+            self._check(job)
+        except ValueError as err:
+            return {"status": 400, "error": str(err), "field": protocol.field_named(str(err))}
+        return await self.run_batch((job, time.perf_counter()))
+
+    def _check(self, job: protocol.Job) -> None:
+        unknown = sorted(set(dict(job.lora)) - set(self.base_loras))
+        if unknown:
+            raise ValueError(f"lora: no LoRA named {', '.join(map(repr, unknown))} is loaded on this server; loaded: "
+                             f"{', '.join(self.base_loras) or 'none'}")  # fmt: skip
+        self.pipe.check(**job.call())
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def run_batch(self, queued: list[tuple[protocol.Job, float]]) -> list[dict]:
+        # the pipeline runs in a thread: the event loop keeps taking requests (and /health) meanwhile
+        return await asyncio.to_thread(self._run_jobs, queued)
+
+    def _run_jobs(self, queued: list[tuple[protocol.Job, float]]) -> list[dict]:
+        jobs = [job for job, _ in queued]
+        answers: list[dict] = [{}] * len(jobs)
+        for run in protocol.group(jobs, self.settings.max_batch):
+            started = time.perf_counter()
+            for index, answer in zip(run, self._run_call([jobs[i] for i in run]), strict=True):
+                queue_ms = (started - queued[index][1]) * 1000
+                answers[index] = answer if "error" in answer else {**answer, "batch": {**answer["batch"],
+                                                                                       "queue_ms": queue_ms}}
+        return answers
+
+    def _run_call(self, jobs: list[protocol.Job]) -> list[dict]:
+        """One pipeline call for jobs of equal keys; an error answers each of them."""
+        from ..outputs import encode
+
+        try:
+            self._set_loras(dict(jobs[0].lora))
+            result = self.pipe.generate(**protocol.merged_call(jobs))
+        except ValueError as err:
+            return [{"status": 400, "error": str(err), "field": protocol.field_named(str(err))}] * len(jobs)
+        except Exception as err:  # noqa: BLE001 - a failed call answers 500 with what went wrong, and the replica lives on
+            return [{"status": 500, "error": f"generation failed: {type(err).__name__}: {err}"}] * len(jobs)
+        pngs = [base64.b64encode(encode(image)).decode("ascii") for image in result.images]
+        batch = {"id": uuid.uuid4().hex, "images": len(pngs), "requests": len(jobs), "stages": asdict(result.stages)}
+        answers, first = [], 0
+        for job in jobs:
+            answers.append({"images": pngs[first:first + job.n], "seeds": result.seeds[first:first + job.n],
+                            "settings": {**self.resolved, **job.settings()}, "batch": batch})  # fmt: skip
+            first += job.n
+        return answers
+
+    def _set_loras(self, scales: dict) -> None:
+        wanted = {**self.base_loras, **scales}
+        if wanted != self.loras:
+            self.pipe.set_loras(wanted)
+            self.loras = wanted
+
+
+# The helpers come before the deployments: Ray Serve pickles the classes when they are decorated, with the module
+# globals they use at that moment (and FastAPI reads the handlers' annotations then, so no postponed annotations).
+async def _json(request: Request):
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except ValueError as err:
+        raise protocol.BadRequest(None, f"the body is not JSON: {err}") from None
+
+
+async def _awaited(response):
+    return await response
+
+
+app = FastAPI(title="diffrt", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, generator, settings: Settings):
+        self.generator = generator
+        self.settings = settings
+        self.metrics = Metrics()
+        self.waiting = 0
+        self.info_record: dict | None = None
+
+    @app.post("/v1/images/generations")
+    async def generations(self, request: Request):
+        arrived = time.perf_counter()
+        try:
+            job = protocol.parse(await _json(request), self.settings.model)
+        except protocol.BadRequest as err:
+            return self._error(400, str(err), err.field)
+        if self.waiting >= self.settings.max_queue:
+            retry = max(1, math.ceil(self._expected_wait_s()))
+            busy = (f"the server is busy: {self.waiting} requests are waiting (max_queue {self.settings.max_queue}); "
+                    f"retry in {retry} s")  # fmt: skip
+            return self._error(503, busy, headers={"Retry-After": str(retry)})
+        self.waiting += 1
+        self.metrics.queue.set(self.waiting)
+        try:
+            answer = await self._submit(job)
+        finally:
+            self.waiting -= 1
+            self.metrics.queue.set(self.waiting)
+        if "error" in answer:
+            return self._error(answer["status"], answer["error"], answer.get("field"))
+        seconds = time.perf_counter() - arrived
+        self.metrics.answered(200, seconds, answer["batch"], len(answer["images"]))
+        return {
+            "created": int(time.time()),
+            "data": [{"b64_json": image, "seed": seed} for image, seed in zip(answer["images"], answer["seeds"],
+                                                                              strict=True)],
+            "diffrt": {"seeds": answer["seeds"], "settings": answer["settings"], "batch": answer["batch"],
+                       "latency_ms": seconds * 1000},
+        }  # fmt: skip
+
+    async def _submit(self, job: protocol.Job) -> dict:
+        deadline = time.monotonic() + self.settings.timeout_s
+        for attempt in range(REPLICA_RETRIES + 1):
+            response = self.generator.submit.remote(job)
+            try:
+                return await asyncio.wait_for(_awaited(response), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                response.cancel()
+                late = f"no answer within the server's timeout of {self.settings.timeout_s:g} s"
+                return {"status": 504, "error": late}
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                if attempt == REPLICA_RETRIES:
+                    return {"status": 503, "error": f"the replica running this request died and so did its retry "
+                                                    f"({type(err).__name__}); try again"}  # fmt: skip
+                self.metrics.retries.inc()
+        raise AssertionError("unreachable")
+
+    def _expected_wait_s(self) -> float:
+        """Roughly how long the queue ahead takes: batches of max_batch at the mean latency seen so far."""
+        batches = self.waiting / (self.settings.max_batch * self.settings.replicas)
+        return (self.metrics.mean_latency_s or 1.0) * batches
+
+    def _error(self, code: int, message: str, field: str | None = None, headers: dict | None = None):
+        self.metrics.answered(code)
+        kind = "invalid_request_error" if code < 500 else "server_error"
+        return JSONResponse({"error": {"message": message, "type": kind, "param": field, "code": code}},
+                            status_code=code, headers=headers)  # fmt: skip
+
+    @app.get("/health")
+    async def health(self):
+        try:
+            info = await asyncio.wait_for(_awaited(self.generator.info.remote()), HEALTH_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - any failure to answer means not ready
+            return JSONResponse({"status": "unavailable", "reason": f"{type(err).__name__}: {err}"}, status_code=503)
+        return {"status": "ready", "model": info["model"], "backend": info["backend"], "device": info["device"]}
+
+    @app.get("/metrics")
+    async def metrics(self):
+        text, content_type = self.metrics.text()
+        return Response(text, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(self):
+        if self.info_record is None:
+            self.info_record = await self.generator.info.remote()
+        info = {k: v for k, v in self.info_record.items() if k != "pid"}
+        return {"object": "list", "data": [{"id": self.settings.model, "object": "model", "owned_by": "diffrt",
+                                            "diffrt": {**info, "replicas": self.settings.replicas}}]}  # fmt: skip
+
+    @app.get("/")
+    async def page(self):
+        return HTMLResponse(resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8"))
+
+
+def build(settings: Settings, cpus: float, gpus: float):
+    """The application for ``serve.run``: the gateway bound to ``settings.replicas`` generator replicas, each
+    given one GPU when the cluster has them, else a share of the CPUs."""
+    settings.check()
+    if gpus:
+        resources_each, threads = {"num_gpus": 1}, None
+    else:
+        share = cpu_share(cpus, settings.replicas, settings.replica_cpus)
+        resources_each, threads = {"num_cpus": share}, torch_threads(share, given=settings.replica_cpus is not None)
+    generator = Generator.options(
+        num_replicas=settings.replicas, ray_actor_options=resources_each, max_ongoing_requests=settings.max_queue,
+        graceful_shutdown_timeout_s=settings.timeout_s, graceful_shutdown_wait_loop_s=0.5,
+    ).bind(settings, threads)  # fmt: skip
+    gateway = Gateway.options(max_ongoing_requests=settings.max_queue * 2 + 16,
+                              graceful_shutdown_timeout_s=settings.timeout_s, graceful_shutdown_wait_loop_s=0.5)
+    return gateway.bind(generator, settings)
+
+
+def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop taking requests and let the in-flight ones finish.
+
+    ``address``: an existing Ray cluster to join ("auto", "ray://..." or "HOST:PORT"); without one a local
+    cluster is started with this machine's CPUs and GPUs and stopped afterwards."""
+    import signal
+    import threading
+
+    import ray
+
+    settings.check()
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    try:
+        total = ray.cluster_resources()
+        gpus = total.get("GPU", 0) if settings.device in (None, "cuda") else 0
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(settings, total.get("CPU", 1), gpus), name=settings.name, route_prefix=settings.route_prefix)
+        prefix = settings.route_prefix.rstrip("/")
+        joined = "; a cluster's running Serve keeps its own host and port" if address else ""
+        print(f"diffrt serve: {settings.model} ({settings.replicas} replica(s), max batch {settings.max_batch}) at "
+              f"http://{host}:{port}{prefix}/  (POST {prefix}/v1/images/generations{joined})", flush=True)  # fmt: skip
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        print("diffrt serve: stopping; in-flight requests finish first", flush=True)
+        serve.delete(settings.name)  # each replica drains its in-flight requests (graceful_shutdown_timeout_s)
+        if address is None:
+            serve.shutdown()
+    finally:
+        ray.shutdown()

@@ -1,0 +1,156 @@
+"""The HTTP API of ``diffrt serve``, without Ray: a request body read into a :class:`Job`, jobs that can share
+one pipeline call grouped, and a batch's images split back into answers.
+
+The body is OpenAI's ``POST /v1/images/generations`` (``prompt``, ``n``, ``size`` "WxH", ``response_format``
+"b64_json"; ``model`` and ``user`` are accepted) plus diffrt's fields (``seed``, ``steps``, ``sampler``,
+``guidance``, ``negative_prompt``, ``lora``). This module checks the body's shape only: the JSON types, the size's
+format, unknown fields. Whether the values make sense is the pipeline's own check (``Pipeline.check``), run on the
+replica before a job is queued, so the server and the library refuse the same calls with the same words.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+
+OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
+DIFFRT_FIELDS = ("seed", "steps", "sampler", "guidance", "negative_prompt", "lora")
+RESPONSE_FORMATS = ("b64_json",)  # "url" would need storage the server does not have
+MAX_IMAGES = 8  # per request, as OpenAI's n (at most 10 there); many more images are `diffrt batch`'s job
+SEED_DRAW = 2**63  # a request without a seed gets one below this, so seed + n stays a valid seed
+SIZE_FORMAT = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+class BadRequest(ValueError):
+    """A body that cannot be a request: ``field`` names the culprit (OpenAI's ``param``)."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request's images: what the pipeline is called with, in a form that can be compared and hashed."""
+
+    prompt: str
+    n: int
+    seed: int  # image k gets seed + k, as in the library
+    negative_prompt: str | None
+    options: tuple  # sorted (name, value) pairs of pipeline options: steps, sampler, guidance, height, width
+    lora: tuple = ()  # sorted (name, scale) pairs: the LoRA scales this request sets ((): the server's own)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.n)]
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys can share one pipeline call: same options, LoRA scales and negative-prompt use."""
+        return self.options, self.lora, self.negative_prompt is None
+
+    def call(self) -> dict:
+        """The pipeline arguments of this job alone (``pipe.generate(**job.call())``)."""
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, num_images=self.n, seed=self.seed,
+                    **dict(self.options))  # fmt: skip
+
+    def settings(self) -> dict:
+        """What the answer reports as this job's settings."""
+        return {**dict(self.options), "negative_prompt": self.negative_prompt, "lora": dict(self.lora) or None}
+
+
+def parse(body, model: str) -> Job:
+    """A request body (parsed JSON) as a :class:`Job` for the served ``model``, or :class:`BadRequest`."""
+    if not isinstance(body, dict):
+        raise BadRequest(None, f"the body must be a JSON object, got {type(body).__name__}")
+    allowed = (*OPENAI_FIELDS, *DIFFRT_FIELDS)
+    for name in body:
+        if name not in allowed:
+            raise BadRequest(name, f"unknown field {name!r}; allowed: {', '.join(allowed)}")
+    if "prompt" not in body:
+        raise BadRequest("prompt", "prompt is required")
+    prompt = _typed(body, "prompt", str, "a string")
+    if body.get("model") not in (None, model):
+        raise BadRequest("model", f"this server runs model {model!r}, not {body['model']!r}")
+    response_format = body.get("response_format", "b64_json")
+    if response_format not in RESPONSE_FORMATS:
+        raise BadRequest("response_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, "
+                                            f"got {response_format!r}")  # fmt: skip
+    n = _typed(body, "n", int, "an integer", default=1)
+    if not 1 <= n <= MAX_IMAGES:
+        raise BadRequest("n", f"n must be in [1, {MAX_IMAGES}], got {n}")
+    seed = _typed(body, "seed", int, "an integer", default=None)
+    options = {name: body[name] for name in ("steps", "guidance", "sampler") if body.get(name) is not None}
+    _typed(body, "steps", int, "an integer", default=None)
+    _typed(body, "guidance", (int, float), "a number", default=None)
+    _typed(body, "sampler", str, "a string", default=None)
+    if body.get("size") is not None:
+        options["width"], options["height"] = _size(body["size"])
+    return Job(prompt, n, secrets.randbelow(SEED_DRAW) if seed is None else seed,
+               _typed(body, "negative_prompt", str, "a string", default=None), tuple(sorted(options.items())),
+               _lora(body.get("lora")))  # fmt: skip
+
+
+def field_named(message: str) -> str | None:
+    """The request field a library error is about: its messages start with the argument's name ("steps must
+    be ...", "height must be ..."), which the API calls by its own name (height and width are ``size``)."""
+    first = message.split(" ", 1)[0].rstrip(":")
+    first = {"height": "size", "width": "size", "num_images": "n", "seeds": "seed"}.get(first, first)
+    return first if first in (*OPENAI_FIELDS, *DIFFRT_FIELDS) else None
+
+
+def _typed(body: dict, name: str, kind, what: str, default=...):
+    """``body[name]`` when it is of JSON type ``kind`` (booleans are not numbers; floats must be finite)."""
+    if name not in body or (body[name] is None and default is not ...):
+        return default
+    value = body[name]
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, kind) or not finite:
+        raise BadRequest(name, f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def _size(size) -> tuple[int, int]:
+    match = SIZE_FORMAT.fullmatch(size) if isinstance(size, str) else None
+    if match is None:
+        raise BadRequest("size", f"size must be \"WIDTHxHEIGHT\" in pixels, such as \"32x32\", got {size!r}")
+    return int(match[1]), int(match[2])
+
+
+def _lora(value) -> tuple:
+    """``{"name": scale}`` as sorted pairs; which names exist is the replica's check (it loaded them)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise BadRequest("lora", f"lora must be an object of LoRA names and scales, such as {{\"style\": 0.8}}, "
+                                 f"got {value!r}")  # fmt: skip
+    for name, scale in value.items():
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise BadRequest("lora", f"lora[{name!r}] must be a number (its scale), got {scale!r}")
+    return tuple(sorted((name, float(scale)) for name, scale in value.items()))
+
+
+def group(jobs: list[Job], max_images: int) -> list[list[int]]:
+    """Indices of ``jobs`` in runs that share one pipeline call: equal keys, at most ``max_images`` images each
+    (a job of more images than that runs alone), in arrival order within a run."""
+    runs: list[list[int]] = []
+    open_runs: dict[tuple, tuple[list[int], int]] = {}  # key -> (the run being filled, its images)
+    for index, job in enumerate(jobs):
+        run, images = open_runs.get(job.key, (None, 0))
+        if run is None or images + job.n > max_images:
+            run, images = [], 0
+            runs.append(run)
+        run.append(index)
+        open_runs[job.key] = (run, images + job.n)
+    return runs
+
+
+def merged_call(jobs: list[Job]) -> dict:
+    """One pipeline call for jobs with equal keys: their prompts, negative prompts and seeds one after another."""
+    first = jobs[0]
+    prompts = [job.prompt for job in jobs for _ in range(job.n)]
+    negatives = None if first.negative_prompt is None else [job.negative_prompt for job in jobs for _ in range(job.n)]
+    seeds = [seed for job in jobs for seed in job.seeds]
+    return dict(prompt=prompts, negative_prompt=negatives, seed=seeds, **dict(first.options))
