@@ -197,10 +197,21 @@ def _serve(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
     return _table(HEADER, rows(record["settings"], record["metrics"])), []
 
 
+def _batch(record: dict, out: Path, index: int) -> tuple[str, list[str]]:
+    """``diffrt batch --result``: workers, rows made and the rates with and without the start-up."""
+    s, m = record["settings"], record["metrics"]
+    steady = m.get("steady_images_per_s")
+    row = [s.get("model"), s.get("workers"), s.get("worker_cpus") or "default", s.get("batch_size"), m["made"],
+           m["skipped"], f"{m['wall_s']:.1f}", f"{m['images_per_s']:.2f}", f"{steady:.2f}" if steady else "-"]
+    header = ["model", "workers", "CPUs each", "batch size", "made", "skipped", "wall s", "images/s",
+              "images/s after the first batch"]  # fmt: skip
+    return _table(header, [row]), []
+
+
 SECTIONS = {
     "latency": _latency, "throughput": _throughput, "samplers": _samplers, "samplers-model": _model_samplers,
     "fid": _fid, "cache": _cache, "coldstart": _coldstart, "lora": _lora,
-    "serve": _serve,
+    "serve": _serve, "batch": _batch,
 }  # fmt: skip
 
 

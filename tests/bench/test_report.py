@@ -53,3 +53,13 @@ def test_report_from_copied_results_folder(tmp_path):
     shutil.copy(RESULTS / "latency-tiny-cpu.json", tmp_path / "a.json")
     md_path, _ = write_report([tmp_path / "a.json"], tmp_path / "out")
     assert "latency (a.json)" in md_path.read_text()
+
+
+def test_serving_and_batch_results_get_their_tables(tmp_path):
+    inputs = [RESULTS / "serve-fashion-lcm-cpu.json", RESULTS / "serve-fashion-lcm-server-cpu.json",
+              RESULTS / "batch-fashion-lcm" / "w2-c1-r1.json"]
+    md_path, html_path = write_report(inputs, tmp_path / "report")
+    markdown = md_path.read_text()
+    assert "| http://127.0.0.1:8000/b8/ | 8 | offline | 28.79 |" in markdown  # the median of the three rounds
+    assert "max rate with p99 <= 1 s: 19.76 req/s" in markdown
+    assert "| fashion-lcm | 2 | 1.0 | 8 | 256 | 0 |" in markdown and "<table>" in html_path.read_text()
