@@ -54,11 +54,12 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("batch_wait_s", "timeout_s"):
+        for name, low_ok in (("batch_wait_s", True), ("timeout_s", False)):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0 or (name == "timeout_s"
-                                                                                             and value == 0):
-                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+            number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (value == 0 and not low_ok):
+                bound = ">= 0" if low_ok else "> 0"
+                raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
         if self.replica_cpus is not None and not self.replica_cpus > 0:
             raise ValueError(f"replica_cpus must be > 0, got {self.replica_cpus!r}")
         if not self.route_prefix.startswith("/"):

@@ -79,3 +79,15 @@ def test_cpu_actors_leave_a_core_to_ray_unless_told_their_share():
     assert cpu_share(16, 4, None) == 4 and cpu_share(2, 4, None) == 1 and cpu_share(16, 4, 0.5) == 0.5
     assert torch_threads(4, given=False) == 3 and torch_threads(1, given=False) == 1
     assert torch_threads(4, given=True) == 4 and torch_threads(0.5, given=True) == 1
+
+
+@pytest.mark.parametrize(("given", "words"), [
+    ({"replicas": 0}, "replicas must be an integer >= 1"), ({"max_batch": 2.5}, "max_batch must be an integer"),
+    ({"max_queue": 0}, "max_queue must be"), ({"timeout_s": 0}, "timeout_s must be a finite number of seconds > 0"),
+    ({"batch_wait_s": -0.1}, "batch_wait_s must be a finite number of seconds >= 0"),
+    ({"replica_cpus": 0}, "replica_cpus must be > 0"), ({"route_prefix": "v1"}, "route_prefix must start with '/'"),
+])
+def test_bad_server_settings_are_refused_before_ray_starts(given, words):
+    app = pytest.importorskip("diffrt.serve.app", reason="the serve extra is not installed")
+    with pytest.raises(ValueError, match=words):
+        app.Settings(model="fashion-lcm", **given).check()
