@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import http.client
 import json
 import random
@@ -149,9 +150,7 @@ def open_loop(target, args, rate: float, rng: random.Random) -> tuple[list[dict]
 # ----------------------------------------------------------------------------------------------- scenarios
 def summarize(records: list[dict], wall: float) -> dict:
     ok = [r for r in records if r["status"] == 200 and r["images"]]
-    codes: dict[str, int] = {}
-    for r in records:
-        codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
+    codes = dict(collections.Counter(str(r["status"]) for r in records))
     stats = percentiles([r["seconds"] for r in ok]) if ok else {"p50": None, "p90": None, "p99": None, "min": None}
     return {"requests": len(records), "answered": len(ok), "statuses": codes, "wall_s": wall,
             "images": sum(r["images"] for r in ok), "images_per_s": sum(r["images"] for r in ok) / wall,

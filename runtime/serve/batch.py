@@ -29,6 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_write_bytes
+from ..outputs import encode
+from . import protocol
 from .resources import cpu_share, torch_threads
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,6 @@ def read_rows(path: str | os.PathLike, model: str, seed: int = 0) -> list[dict]:
     for index, (number, line) in enumerate(lines):
         row = _jsonl_row(path, number, line) if path.suffix == ".jsonl" else {"prompt": line}
         row.setdefault("seed", seed + index)
-        _check_row(path, number, row)
         key = json.dumps({**row, "model": model}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()
         rows.append({**row, "row": index, "id": digest, "file": f"{index:06d}_{digest[:10]}.png"})
@@ -88,23 +90,13 @@ def _jsonl_row(path: Path, number: int, line: str) -> dict:
         raise ValueError(f"{path}:{number}: not JSON ({err})") from None
     if not isinstance(row, dict):
         raise ValueError(f"{path}:{number}: a line must be a JSON object, got {type(row).__name__}")
-    allowed = ("prompt", "seed", *ROW_OPTIONS)
-    unknown = [key for key in row if key not in allowed]
-    if unknown:
-        raise ValueError(f"{path}:{number}: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    if "prompt" not in row:
+    try:  # the JSON types only: the pipeline judges the values, and a worker reports the rows it refuses
+        protocol.check_record(row, ("prompt", "seed", *ROW_OPTIONS))
+    except protocol.BadRequest as err:
+        raise ValueError(f"{path}:{number}: {err}") from None
+    if row.get("prompt") is None:
         raise ValueError(f"{path}:{number}: a row needs a prompt")
     return {key: value for key, value in row.items() if value is not None}
-
-
-def _check_row(path: Path, number: int, row: dict) -> None:
-    """The types only: the values are checked by the pipeline before any image is made (see ``run``)."""
-    kinds = {"prompt": str, "negative_prompt": str, "sampler": str, "seed": int, "steps": int, "width": int,
-             "height": int, "guidance": (int, float)}  # fmt: skip
-    for key, kind in kinds.items():
-        if key in row and (isinstance(row[key], bool) or not isinstance(row[key], kind)):
-            raise ValueError(f"{path}:{number}: {key} must be {'a string' if kind is str else 'a number'}, "
-                             f"got {row[key]!r}")  # fmt: skip
 
 
 def call_options(row: dict) -> dict:
@@ -132,8 +124,6 @@ def finished(out: Path) -> dict[str, dict]:
 
 def _compact(out: Path, done: dict[str, dict]) -> None:
     """Rewrite the manifest with its valid entries only (atomically), so redone rows appear once."""
-    from ..files import atomic_write_bytes
-
     manifest = out / MANIFEST
     text = "".join(json.dumps(entry) + "\n" for entry in done.values())
     if manifest.exists() and manifest.read_text(encoding="utf-8") != text:
@@ -173,9 +163,6 @@ class Painter:
     def _paint(self, rows: list[dict]) -> list[str]:
         """The rows' images written and their manifest lines; rows the pipeline refuses get an error line each
         (the driver reports them and leaves them out of the manifest, so a fixed file reruns only them)."""
-        from ..files import atomic_write_bytes
-        from ..outputs import encode
-
         options = call_options(rows[0])
         negative = options.pop("negative_prompt", None)
         try:
@@ -216,6 +203,7 @@ def run(prompts, out, settings: BatchSettings, *, seed: int = 0, address: str | 
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    first = None  # (seconds, images) when the first batch came back: the rest is the steady rate
     try:
         with (out / MANIFEST).open("a", encoding="utf-8") as manifest:
             for lines in _painted(settings, out, todo):
@@ -226,20 +214,16 @@ def run(prompts, out, settings: BatchSettings, *, seed: int = 0, address: str | 
                 manifest.flush()
                 os.fsync(manifest.fileno())
                 summary["made"] += len(made)
-                summary.setdefault("first_s", time.perf_counter() - start)
-                summary.setdefault("first_made", summary["made"])
+                first = first or (time.perf_counter() - start, summary["made"])
                 log.info("%d/%d images", summary["made"], len(todo))
     finally:
         if started:
             ray.shutdown()
-    return _rates(summary, time.perf_counter() - start)
-
-
-def _rates(summary: dict, wall_s: float) -> dict:
-    first_made = summary.pop("first_made", 0)
-    after = wall_s - summary.get("first_s", wall_s)
-    steady = (summary["made"] - first_made) / after if after > 0 and summary["made"] > first_made else None
-    return {**summary, "wall_s": wall_s, "images_per_s": summary["made"] / wall_s, "steady_images_per_s": steady}
+    wall = time.perf_counter() - start
+    first_s, first_made = first or (wall, 0)
+    steady = (summary["made"] - first_made) / (wall - first_s) if summary["made"] > first_made else None
+    return {**summary, "first_s": first_s, "wall_s": wall, "images_per_s": summary["made"] / wall,
+            "steady_images_per_s": steady}
 
 
 def _painted(settings: BatchSettings, out: Path, todo: list[dict]):

@@ -21,6 +21,11 @@ RESPONSE_FORMATS = ("b64_json",)  # "url" would need storage the server does not
 MAX_IMAGES = 8  # per request, as OpenAI's n (at most 10 there); many more images are `diffrt batch`'s job
 SEED_DRAW = 2**63  # a request without a seed gets one below this, so seed + n stays a valid seed
 SIZE_FORMAT = re.compile(r"(\d{1,5})x(\d{1,5})")
+JSON_TYPES = {  # the fields whose JSON type is checked here: (Python types, the words for it)
+    "prompt": (str, "a string"), "negative_prompt": (str, "a string"), "sampler": (str, "a string"),
+    "n": (int, "an integer"), "seed": (int, "an integer"), "steps": (int, "an integer"),
+    "width": (int, "an integer"), "height": (int, "an integer"), "guidance": (int | float, "a number"),
+}  # fmt: skip
 
 
 class BadRequest(ValueError):
@@ -65,32 +70,36 @@ def parse(body, model: str) -> Job:
     """A request body (parsed JSON) as a :class:`Job` for the served ``model``, or :class:`BadRequest`."""
     if not isinstance(body, dict):
         raise BadRequest(None, f"the body must be a JSON object, got {type(body).__name__}")
-    allowed = (*OPENAI_FIELDS, *DIFFRT_FIELDS)
-    for name in body:
-        if name not in allowed:
-            raise BadRequest(name, f"unknown field {name!r}; allowed: {', '.join(allowed)}")
-    if "prompt" not in body:
+    check_record(body, (*OPENAI_FIELDS, *DIFFRT_FIELDS))
+    if body.get("prompt") is None:
         raise BadRequest("prompt", "prompt is required")
-    prompt = _typed(body, "prompt", str, "a string")
     if body.get("model") not in (None, model):
         raise BadRequest("model", f"this server runs model {model!r}, not {body['model']!r}")
     response_format = body.get("response_format", "b64_json")
     if response_format not in RESPONSE_FORMATS:
         raise BadRequest("response_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, "
                                             f"got {response_format!r}")  # fmt: skip
-    n = _typed(body, "n", int, "an integer", default=1)
+    n = 1 if body.get("n") is None else body["n"]
     if not 1 <= n <= MAX_IMAGES:
         raise BadRequest("n", f"n must be in [1, {MAX_IMAGES}], got {n}")
-    seed = _typed(body, "seed", int, "an integer", default=None)
     options = {name: body[name] for name in ("steps", "guidance", "sampler") if body.get(name) is not None}
-    _typed(body, "steps", int, "an integer", default=None)
-    _typed(body, "guidance", (int, float), "a number", default=None)
-    _typed(body, "sampler", str, "a string", default=None)
     if body.get("size") is not None:
         options["width"], options["height"] = _size(body["size"])
-    return Job(prompt, n, secrets.randbelow(SEED_DRAW) if seed is None else seed,
-               _typed(body, "negative_prompt", str, "a string", default=None), tuple(sorted(options.items())),
-               _lora(body.get("lora")))  # fmt: skip
+    seed = body.get("seed")
+    return Job(body["prompt"], n, secrets.randbelow(SEED_DRAW) if seed is None else seed,
+               body.get("negative_prompt"), tuple(sorted(options.items())), _lora(body.get("lora")))  # fmt: skip
+
+
+def check_record(record: dict, allowed) -> None:
+    """A request body's or a batch row's fields: each one of ``allowed`` and of its JSON type (:data:`JSON_TYPES`;
+    booleans are not numbers, floats must be finite, null counts as absent), else :class:`BadRequest`."""
+    for name, value in record.items():
+        if name not in allowed:
+            raise BadRequest(name, f"unknown field {name!r}; allowed: {', '.join(allowed)}")
+        kind, what = JSON_TYPES.get(name, (object, ""))
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or not finite):
+            raise BadRequest(name, f"{name} must be {what}, got {value!r}")
 
 
 def field_named(message: str) -> str | None:
@@ -99,17 +108,6 @@ def field_named(message: str) -> str | None:
     first = message.split(" ", 1)[0].rstrip(":")
     first = {"height": "size", "width": "size", "num_images": "n", "seeds": "seed"}.get(first, first)
     return first if first in (*OPENAI_FIELDS, *DIFFRT_FIELDS) else None
-
-
-def _typed(body: dict, name: str, kind, what: str, default=...):
-    """``body[name]`` when it is of JSON type ``kind`` (booleans are not numbers; floats must be finite)."""
-    if name not in body or (body[name] is None and default is not ...):
-        return default
-    value = body[name]
-    finite = not isinstance(value, float) or math.isfinite(value)
-    if isinstance(value, bool) or not isinstance(value, kind) or not finite:
-        raise BadRequest(name, f"{name} must be {what}, got {value!r}")
-    return value
 
 
 def _size(size) -> tuple[int, int]:

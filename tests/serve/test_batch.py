@@ -65,7 +65,7 @@ def test_rows_of_a_jsonl_file_carry_their_settings(tmp_path):
     ("p.jsonl", "[1]", "p.jsonl:1: a line must be a JSON object"),
     ("p.jsonl", '{"prompt": "x", "colour": 1}', "unknown field 'colour'; allowed: prompt, seed, steps"),
     ("p.jsonl", '{"seed": 1}', "a row needs a prompt"),
-    ("p.jsonl", '{"prompt": "x"}\n{"prompt": "y", "steps": "4"}', "p.jsonl:2: steps must be a number, got '4'"),
+    ("p.jsonl", '{"prompt": "x"}\n{"prompt": "y", "steps": "4"}', "p.jsonl:2: steps must be an integer, got '4'"),
     ("p.jsonl", '{"prompt": 3}', "prompt must be a string"),
 ])
 def test_bad_prompts_files_are_refused_naming_the_line(tmp_path, name, text, words):
