@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..backend_spec import parse as parse_backend
 from .harness import add_call_arguments, fill_call_defaults, percentiles, write_result
 
 STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")
@@ -56,19 +57,6 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def backend_spec(spec: str) -> tuple[str, dict]:
-    """``name`` or ``name:key=value:key=value`` (e.g. ``compile:mode=reduce-overhead``): the backend and its
-    options, so that variants of one backend are measured side by side under their own labels."""
-    name, *pairs = spec.split(":")
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"backend option {pair!r} in {spec!r} must be key=value")
-        options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
-    return name, options
-
-
 CONTROLLED = "+controlnet"  # the label suffix of a backend run with --controlnet loaded
 
 
@@ -78,7 +66,7 @@ def _load(label: str, args):
     import diffrt
 
     start = time.perf_counter()
-    backend, options = backend_spec(label.removesuffix(CONTROLLED))
+    backend, options = parse_backend(label.removesuffix(CONTROLLED))
     controlnet = args.controlnet if label.endswith(CONTROLLED) else None
     pipe = diffrt.load(args.model, device=args.device, dtype=args.dtype, backend=backend, controlnet=controlnet,
                        **options)  # fmt: skip
@@ -122,14 +110,14 @@ def measure(args) -> tuple[dict, dict]:
     names = [b.strip() for b in args.backend.split(",") if b.strip()]
     if args.controlnet:  # each backend plain and controlled, side by side
         names = [label for name in names for label in (name, name + CONTROLLED)]
-    unknown = sorted({backend_spec(n.removesuffix(CONTROLLED))[0] for n in names} - set(backends.names()))
+    unknown = sorted({parse_backend(n.removesuffix(CONTROLLED))[0] for n in names} - set(backends.names()))
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; available: {', '.join(backends.names())}")
     batches = _int_list(args.batch, "batch")
     reasons = backends.availability()
     pipes, metrics = {}, {}
     for name in names:
-        reason = reasons[backend_spec(name.removesuffix(CONTROLLED))[0]]
+        reason = reasons[parse_backend(name.removesuffix(CONTROLLED))[0]]
         if reason is not None:
             metrics[name] = {"skipped": reason}
             continue

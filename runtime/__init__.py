@@ -1,8 +1,9 @@
 """diffrt: an inference runtime and benchmark suite for diffusion models."""
 
+from .startup import fast_start
 from .version import __version__
 
-__all__ = ["__version__", "load"]
+__all__ = ["__version__", "fast_start", "load"]
 
 
 def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precision: str = "auto", **backend_options):

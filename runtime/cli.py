@@ -118,7 +118,8 @@ def _add_generate(subparsers) -> None:
                    help=f"an embedded model ({', '.join(defaults.EMBEDDED_MODELS)}; no download), a random-weight "
                         f"preset (sd15, sdxl, sd3-medium, flux-dev, tiny, ...) or a local diffusers folder "
                         f"(SD 1.x/2.x, SDXL, SD3, FLUX.1; default: {DEFAULT_MODEL})")
-    p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch)")
+    p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch), with "
+                   "options as NAME:KEY=VALUE (compile:aot=true: compiled ahead of time, loaded by later runs)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
@@ -167,19 +168,25 @@ def _add_generate(subparsers) -> None:
 def _generate(args) -> int:
     import time
 
-    from . import images, load, lora, outputs
+    from .backend_spec import parse as parse_backend
+    from .startup import fast_start
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    output = outputs.plan(args.out, args.num_images)  # before loading anything: a bad -o fails now
-    pictures = {key: images.read_picture(path, f"--{key}") for key, path in (("image", args.image),
-                ("mask", args.mask)) if path}  # fmt: skip
-    loras = [lora.parse_spec(spec) for spec in args.lora]
-    control_images = _control_images(args)
-    pipe = load(args.model, device=args.device, dtype=args.dtype, backend=args.backend, loras=loras,
-                controlnet=args.controlnet or None)  # fmt: skip
-    for path in args.embedding:
-        print(f"textual inversion {path}: tokens {', '.join(pipe.load_textual_inversion(path))}", file=sys.stderr)
+    with fast_start():  # this process keeps its pipeline: see diffrt.startup
+        from . import images, load, lora, outputs
+
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        output = outputs.plan(args.out, args.num_images)  # before loading anything: a bad -o fails now
+        pictures = {key: images.read_picture(path, f"--{key}") for key, path in (("image", args.image),
+                    ("mask", args.mask)) if path}  # fmt: skip
+        loras = [lora.parse_spec(spec) for spec in args.lora]
+        control_images = _control_images(args)
+        backend, backend_options = parse_backend(args.backend)
+        pipe = load(args.model, device=args.device, dtype=args.dtype, backend=backend, loras=loras,
+                    controlnet=args.controlnet or None, **backend_options)  # fmt: skip
+        for path in args.embedding:
+            tokens = pipe.load_textual_inversion(path)
+            print(f"textual inversion {path}: tokens {', '.join(tokens)}", file=sys.stderr)
     batches = pipe.generate_batches(
         args.prompt, args.negative, batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
         guidance=args.guidance, seed=args.seed, num_images=args.num_images, height=args.height, width=args.width,

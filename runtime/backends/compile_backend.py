@@ -19,7 +19,9 @@ Compiled code is kept across processes in diffrt's cache folder (``$DIFFRT_CACHE
 
 A warm process still traces the model with dynamo (seconds for a U-Net); torch's whole-function precompile
 (``aot_compile``) would skip that, but refuses diffusers' U-Net ("ID_MATCH guard cannot be serialized",
-torch 2.13).
+torch 2.13). ``aot=True`` skips it another way: the graphs are exported and compiled ahead of time by
+AOTInductor into packages in the same cache folder, which a later process loads (:mod:`.aot`). The step
+cache's partial passes are still compiled by torch.compile.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import torch
 
 from ..artifacts import architecture, key_hash, resolve_cache_dir, safe_name
 from ..files import atomic_write_bytes
+from .aot import AotGraph, inductor_configs
 from .base import check_options
 from .torch_backend import TorchBackend
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OPTIONS = ("mode", "dynamic", "cache_dir", "persist")
+OPTIONS = ("mode", "dynamic", "cache_dir", "persist", "aot")
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +53,22 @@ class CompileBackend(TorchBackend):
     name = "compile"
 
     def __init__(self, components, device, dtype, mode: str = "default", dynamic: bool = False, cache_dir=None,
-                 persist: bool = True):  # fmt: skip
+                 persist: bool = True, aot: bool = False):  # fmt: skip
         if mode not in MODES:
             raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(persist, bool):
-            raise ValueError(f"persist must be True or False, got {persist!r}")
+        for option, value in (("persist", persist), ("aot", aot)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{option} must be True or False, got {value!r}")
+        if aot and not persist:
+            raise ValueError("aot=True keeps its compiled packages in diffrt's cache: it needs persist=True")
+        if aot:
+            inductor_configs(mode)  # refuses reduce-overhead before anything loads
         super().__init__(components, device, dtype)
-        self.mode, self.dynamic = mode, dynamic
+        self.mode, self.dynamic, self.aot = mode, dynamic, aot
         self.artifact_dir = compile_cache_folder(components, device, mode, dynamic, cache_dir) if persist else None
         if persist:
             use_inductor_cache(resolve_cache_dir(cache_dir) / "compile" / "inductor")
-        self.reused = load_artifacts(self.artifact_dir) if persist else 0
+        self.reused = load_artifacts(self.artifact_dir) if persist and not aot else 0
         # the denoiser (the family's: unet or transformer), its ControlNets and the VAE decoder
         compiled = (self.family.denoiser_part, *self.family.control_graphs(components), "vae_decoder")
         self.compiled = {name: self._compile(name) for name in compiled}
@@ -68,13 +76,16 @@ class CompileBackend(TorchBackend):
         self._pieces: dict[tuple[str, str], object] = {}  # step caches' passes, compiled on first use
 
     def _compile(self, graph: str):
+        if self.aot:
+            folder = self.artifact_dir / "aot"
+            return AotGraph(graph, self.modules[graph], self.specs[graph], folder, self.graph_dtype(graph), self.mode)
         return torch.compile(self.modules[graph], mode=self.mode, dynamic=self.dynamic)
 
     def graph_module(self, graph: str):
         return self.compiled[graph] if graph in self.compiled else self.modules[graph]
 
     def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
-        first = graph in self.compiled and self._announce(graph, inputs)
+        first = graph in self.compiled and not self.aot and self._announce(graph, inputs)
         outputs = super().run(graph, **inputs)
         if first:
             self._save_artifacts(graph, inputs)

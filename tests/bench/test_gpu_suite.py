@@ -54,10 +54,12 @@ def test_junit_outcomes(tmp_path):
 
 
 def test_backend_variants_for_latency():
-    from diffrt.bench.latency import backend_spec
+    from diffrt.backend_spec import parse as backend_spec
 
     assert backend_spec("compile:mode=reduce-overhead") == ("compile", {"mode": "reduce-overhead"})
     assert backend_spec("triton:capture_loop=false:max_graphs=4") == ("triton", {"capture_loop": False,
                                                                                   "max_graphs": 4})  # fmt: skip
     with pytest.raises(ValueError, match="backend option 'fast' in 'compile:fast' must be key=value"):
         backend_spec("compile:fast")
+    with pytest.raises(ValueError, match="must start with its name"):
+        backend_spec(":aot=true")

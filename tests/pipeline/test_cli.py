@@ -25,6 +25,9 @@ def test_generate_writes_a_grid_png_and_prints_stage_times(tmp_path, capsys):
         (["--sampler", "plms"], "unknown sampler 'plms'"),
         (["--model", "/no/such/folder"], "neither an embedded model"),
         (["--image", "/no/such.png"], "no such file"),
+        (["--backend", "compile:aot=maybe"], "aot must be True or False, got 'maybe'"),
+        (["--backend", "torch:aot=true"], "option(s) ['aot'] do not apply to the torch backend"),
+        (["--backend", "compile:aot"], "backend option 'aot' in 'compile:aot' must be key=value"),
     ],
 )
 def test_generate_errors_are_one_line_with_exit_code_2(tmp_path, capsys, args, message):
