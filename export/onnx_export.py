@@ -32,6 +32,7 @@ import torch
 from .. import artifacts, families
 from ..artifacts import file_record
 from ..backends.onnxruntime_backend import ort_session, session_options  # noqa: F401  (session_options: earlier home)
+from ..families.base import PositionalGraph
 from . import cache
 from .modules import graph_module, run_module
 from .onnx_ops import torchscript_symbolics
@@ -281,7 +282,7 @@ def _run_exporter(module, spec, inputs: dict, path: Path, settings: OnnxSettings
                 # signature does not name (a controlled U-Net's ControlNet residuals)
                 positional = tuple(inputs[name] for name in spec.input_names)
                 with torchscript_symbolics(settings.opset):
-                    torch.onnx.export(_Positional(module, spec.input_names), positional, str(path),
+                    torch.onnx.export(PositionalGraph(module, spec.input_names), positional, str(path),
                                       dynamic_axes=spec.dynamic_axes(), dynamo=False, do_constant_folding=True,
                                       **common)  # fmt: skip
             else:
@@ -299,17 +300,6 @@ def _run_exporter(module, spec, inputs: dict, path: Path, settings: OnnxSettings
             raise
         except Exception as err:  # the exporters raise many types; say which graph failed and why
             raise ExportError(f"exporting {spec.name} with the {settings.exporter} exporter failed: {err}") from err
-
-
-class _Positional(torch.nn.Module):
-    """A graph module called with its inputs in the spec's order, handed over by name."""
-
-    def __init__(self, module, names: list[str]):
-        super().__init__()
-        self.module, self.names = module, list(names)
-
-    def forward(self, *inputs):
-        return self.module(**dict(zip(self.names, inputs, strict=True)))
 
 
 def _dynamo_shapes(spec) -> dict:

@@ -1,7 +1,7 @@
 """AOTInductor packages for the compile backend (``aot=True``): a graph exported once with ``torch.export``,
-compiled ahead of time into a ``.pt2`` package in diffrt's cache, and loaded by later processes in about a
-second, where ``torch.compile`` traces the model with dynamo again in every process (14 s for fashion-lcm's
-U-Net on 2 CPU cores, warm caches).
+compiled ahead of time into a ``.pt2`` package in diffrt's cache, and loaded by later processes in a few
+hundredths of a second, where ``torch.compile`` traces the model with dynamo again in every process (14 s
+for fashion-lcm's U-Net on 2 CPU cores, warm caches).
 
 - **No weights in the package.** A loaded package reads the graph module's own parameters and buffers as
   user-managed constants (same storage, no copy). One package serves every checkpoint of an architecture,
@@ -11,9 +11,10 @@ U-Net on 2 CPU cores, warm caches).
   ``torch.export`` found. A call outside every package's ranges exports and compiles one more package from
   that call (diffusers' upsampler, for one, takes another branch from batch 64, which ends a range at 63).
   A batch-1 call exports at batch 2 first, so its package also serves larger batches when the graph allows.
-- **Files.** ``GRAPH-DTYPE-SIGNATURE-RANGES.pt2`` with a ``.json`` beside it (the ranges), both renamed into
-  place, the JSON last: a package without its JSON is not used. A package torch cannot load is skipped with a
-  warning and compiled again.
+- **Files.** ``GRAPH-DTYPE-SIGNATURE-RANGES.pt2`` (the signature: the graph's spec, Inductor's settings and
+  the CPU's vector ISA) with a ``.json`` beside it (the ranges), both renamed into place, the JSON last: a
+  package without its JSON is not used. Packages are loaded when the backend is made, as ONNX Runtime
+  sessions are; one torch cannot load is skipped with a warning and compiled again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import key_hash
+from ..families.base import PositionalGraph
 from ..files import atomic_write_json
 from ..graphspec import Dim
 
@@ -80,35 +82,39 @@ def accepts(axes: dict[str, list], inputs: dict[str, torch.Tensor]) -> bool:
 
 
 class AotGraph:
-    """One graph's packages: read from ``folder``, loaded on first use, compiled when no package covers a call.
+    """One graph's packages: read from ``folder`` and loaded when it is made, compiled when none covers a call.
     Called like the graph module, with its named inputs."""
 
     def __init__(self, graph: str, module: torch.nn.Module, spec, folder: Path, dtype: torch.dtype, mode: str):
-        self.graph, self.module, self.spec, self.folder = graph, module, spec, Path(folder)
+        self.graph, self.spec, self.folder = graph, spec, Path(folder)
+        # exported and run positionally: torch.export cannot mark the dims of a ``**residuals`` input by name
+        self.module = PositionalGraph(module, spec.input_names)
         self.configs = inductor_configs(mode)
-        signature = key_hash({"spec": spec.signature(), "configs": self.configs})[:8]
+        # the host code is built for this CPU's vector ISA (AVX2, AVX512, ...): a shared cache keeps them apart
+        signature = key_hash({"spec": spec.signature(), "configs": self.configs,
+                              "cpu": torch.backends.cpu.get_cpu_capability()})[:8]  # fmt: skip
         self.prefix = f"{graph}-{str(dtype).removeprefix('torch.')}-{signature}"
         self.packages = [p for p in map(_read_package, sorted(self.folder.glob(f"{self.prefix}-*.json"))) if p]
+        for package in list(self.packages):  # loaded now, as the ONNX Runtime backend opens its sessions
+            self._ready(package)
         self.compiled = 0  # packages this process compiled
 
     def __call__(self, **inputs: torch.Tensor):
         # a package reads its inputs at the strides it was exported with (dense): an expanded timestep would
         # give every image the first one's
         inputs = {name: tensor.contiguous() for name, tensor in inputs.items()}
-        package = next((p for p in self.packages if p.covers(inputs) and self._ready(p)), None)
+        package = next((p for p in self.packages if p.covers(inputs)), None)
         if package is None:
             package = self._compile(inputs)
-        return package.runner(**inputs)
+        return package.runner(*(inputs[name] for name in self.spec.input_names))
 
     def _ready(self, package: Package) -> bool:
         """Load ``package`` and hand it the module's tensors; False (with a warning) when torch cannot load it."""
         if package.runner is not None:
             return True
-        from torch._inductor import aoti_load_package
-
         start = time.perf_counter()
         try:
-            runner = aoti_load_package(str(package.path))
+            runner = _load_package(package.path)
             tensors = {**dict(self.module.named_parameters(remove_duplicate=False)),
                        **dict(self.module.named_buffers(remove_duplicate=False))}
             needed = runner.get_constant_fqns()
@@ -123,7 +129,7 @@ class AotGraph:
             self.packages.remove(package)
             return False
         package.runner = runner
-        log.info("loaded the compiled package %s in %.2f s", package.path.name, time.perf_counter() - start)
+        log.info("loaded the compiled package %s in %.3f s", package.path.name, time.perf_counter() - start)
         return True
 
     def _compile(self, inputs: dict[str, torch.Tensor]) -> Package:
@@ -143,17 +149,18 @@ class AotGraph:
             package = self._write(program, axes)
         self.compiled += 1
         log.info("compiled %s in %.1f s: %s", self.graph, time.perf_counter() - start, package.path)
+        self.packages.append(package)
         if not self._ready(package):
             raise RuntimeError(f"the package just compiled for {self.graph} does not load: {package.path}")
-        self.packages.append(package)
         return package
 
     def _export(self, example: dict[str, torch.Tensor]):
         """The exported program and the sizes it accepts per input axis."""
-        dims = {t.name: {axis: torch.export.Dim.AUTO for axis, d in enumerate(t.dims) if isinstance(d, Dim)}
-                for t in self.spec.inputs}  # fmt: skip
+        dims = tuple({axis: torch.export.Dim.AUTO for axis, d in enumerate(t.dims) if isinstance(d, Dim)}
+                     for t in self.spec.inputs)  # fmt: skip
+        inputs = tuple(example[name] for name in self.spec.input_names)
         with _size_oblivious():
-            program = torch.export.export(self.module, (), kwargs=example, dynamic_shapes=dims, strict=False)
+            program = torch.export.export(self.module, inputs, dynamic_shapes=(dims,), strict=False)
         return program, _accepted_sizes(program, self.spec.input_names)
 
     def _write(self, program, axes: dict[str, list]) -> Package:
@@ -168,6 +175,22 @@ class AotGraph:
         atomic_write_json(self.folder / f"{stem}.json", {"format": FORMAT, "graph": self.graph, "axes": axes,
                                                          "torch": torch.__version__})  # fmt: skip
         return Package(self.folder / f"{stem}.pt2", axes)
+
+
+def _load_package(path: Path):
+    """The package's runner, built as torch's own loader builds it but without ``aoti_load_package``'s device
+    report: on the CPU that report probes the compiler for every vector ISA (g++ runs and dlopen probes, 0.2 to
+    1.2 s in each process) only to log a mismatch; the package's name carries the CPU's capability instead.
+    Where this torch lacks those classes, ``aoti_load_package`` itself."""
+    try:
+        from torch._inductor.package.package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader
+    except (ImportError, AttributeError):
+        from torch._inductor import aoti_load_package
+
+        return aoti_load_package(str(path))
+    return AOTICompiledModel(loader(str(path), "model", False, 1, -1))
 
 
 def _read_package(sidecar: Path) -> Package | None:
@@ -195,16 +218,18 @@ def _widened(inputs: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]:
 
 
 def _accepted_sizes(program, names: list[str]) -> dict[str, list]:
-    """Per input and axis: the fixed size, or [low, high] from the program's range constraints (high None when
-    unbounded; None for an axis that is an expression of other sizes, which the spec's own checks cover)."""
+    """Per input (the program's user inputs, in ``names``' order) and axis: the fixed size, or [low, high] from
+    the program's range constraints (high None when unbounded; None for an axis that is an expression of other
+    sizes, which the spec's own checks cover)."""
     ranges = program.range_constraints
-    values = {node.name: node.meta["val"] for node in program.graph.nodes if node.op == "placeholder"}
+    user_inputs = set(program.graph_signature.user_inputs)
+    values = [node.meta["val"] for node in program.graph.nodes if node.op == "placeholder" and node.name in user_inputs]
+    if len(values) != len(names):
+        raise RuntimeError(f"the exported program takes {len(values)} inputs, the graph {len(names)}: {names}")
     axes = {}
-    for name in names:
-        if name not in values:
-            raise RuntimeError(f"the exported program has no input {name!r}; its inputs: {sorted(values)}")
+    for name, value in zip(names, values, strict=True):
         sizes = []
-        for size in values[name].shape:
+        for size in value.shape:
             if isinstance(size, int):
                 sizes.append(size)
                 continue

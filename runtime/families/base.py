@@ -25,6 +25,18 @@ VAE_GRAPHS = ("vae_encoder", "vae_decoder")
 POOLED_OUTPUTS = ("text_embeds", "pooler_output")  # CLIP's projected embedding (SDXL, SD3), its pooled token (FLUX)
 
 
+class PositionalGraph(nn.Module):
+    """A graph module called with its inputs in the spec's order, handed over by name: what tracers that drop
+    or rename keyword inputs (the TorchScript ONNX exporter, torch.export's ``**residuals``) are given."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        super().__init__()
+        self.module, self.names = module, list(names)
+
+    def forward(self, *inputs):
+        return self.module(**dict(zip(self.names, inputs, strict=True)))
+
+
 class TextEncoderGraph(nn.Module):
     """input_ids [B, L] -> hidden [B, L, D] (the last or the penultimate layer's), + pooled [B, P] when the
     family reads one (``pooled``: the output's attribute, one of POOLED_OUTPUTS)."""

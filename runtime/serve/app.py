@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from ..startup import fast_start
 from . import protocol
 from .metrics import Metrics
 from .resources import cpu_share, torch_threads
@@ -76,8 +77,9 @@ class Generator:
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
-        self.pipe = load(settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype,
-                         loras=list(settings.loras))  # fmt: skip
+        with fast_start():  # the replica keeps its pipeline: collections then skip it (diffrt.startup)
+            self.pipe = load(settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype,
+                             loras=list(settings.loras))  # fmt: skip
         self.base_loras = {name: info["scale"] for name, info in self.pipe.loras.items()}
         self.loras = dict(self.base_loras)
         self.pipe("warm-up", seed=0)  # the first call pays one-time costs; the replica is ready only after it

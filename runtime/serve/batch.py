@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..files import atomic_write_bytes
 from ..outputs import encode
+from ..startup import fast_start
 from . import protocol
 from .resources import cpu_share, torch_threads
 
@@ -146,7 +147,8 @@ class Painter:
         if threads:
             torch.set_num_threads(threads)
         self.settings, self.out = settings, Path(out)
-        self.pipe = load(settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype)
+        with fast_start():  # the worker keeps its pipeline: collections then skip it (diffrt.startup)
+            self.pipe = load(settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype)
         size = self.pipe.default_size
         self.resolved = {**self.pipe.defaults, "width": size, "height": size}  # what a row leaves out
 

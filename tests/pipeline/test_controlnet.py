@@ -155,9 +155,12 @@ def test_the_cuda_graph_loop_runs_the_controlnets_and_replays_new_scales(tiny_fo
 
 
 @pytest.mark.slow
-def test_the_compile_backend_compiles_the_controlnets_and_matches_eager(tiny_folder, controlnets, pictures, tmp_path):
+@pytest.mark.parametrize("aot", [False, True], ids=["torch.compile", "aot"])
+def test_the_compile_backend_compiles_the_controlnets_and_matches_eager(tiny_folder, controlnets, pictures, tmp_path,
+                                                                        aot):  # fmt: skip
     kw = dict(steps=2, guidance=5.0, seed=1, height=64, width=64, output_type="np", control_image=pictures[0])
-    ours = diffrt.load(tiny_folder, device="cpu", backend="compile", cache_dir=tmp_path, controlnet=controlnets[:1])
+    ours = diffrt.load(tiny_folder, device="cpu", backend="compile", cache_dir=tmp_path, controlnet=controlnets[:1],
+                       aot=aot)  # fmt: skip
     assert "controlnet_0" in ours.backend.compiled
     reference = diffrt.load(tiny_folder, device="cpu", controlnet=controlnets[:1])
     assert np.abs(ours(PROMPTS[0], **kw) - reference(PROMPTS[0], **kw)).max() <= 1e-4
