@@ -20,8 +20,9 @@ Compiled code is kept across processes in diffrt's cache folder (``$DIFFRT_CACHE
 A warm process still traces the model with dynamo (seconds for a U-Net); torch's whole-function precompile
 (``aot_compile``) would skip that, but refuses diffusers' U-Net ("ID_MATCH guard cannot be serialized",
 torch 2.13). ``aot=True`` skips it another way: the graphs are exported and compiled ahead of time by
-AOTInductor into packages in the same cache folder, which a later process loads (:mod:`.aot`). The step
-cache's partial passes are still compiled by torch.compile.
+AOTInductor into packages in the same cache folder, which a later process loads (:mod:`.aot`); they take
+the sizes torch.export found, so ``dynamic`` does not apply to them. The step cache's partial passes are
+still compiled by torch.compile.
 """
 
 from __future__ import annotations
