@@ -8,13 +8,16 @@ the load left pending. Imports make almost no cyclic garbage, so pausing the col
 end, :func:`gc.freeze` moves everything loaded into the permanent generation, so later collections (during
 generation) skip the model and the imported modules.
 
-The cost: what ``fast_start`` froze is never freed by the cyclic collector (reference counting still frees
-acyclic objects). That suits a process that keeps its pipeline (the ``diffrt`` commands, a server replica, a
-batch worker); a program that loads and drops many pipelines should not use it.
+The cost: what ``fast_start`` froze is not freed by the cyclic collector while the program runs (reference
+counting still frees acyclic objects). That suits a process that keeps its pipeline (the ``diffrt`` commands,
+a server replica, a batch worker); a program that loads and drops many pipelines should not use it. At exit
+the frozen objects are handed back, so the interpreter's last collection frees them as before (extension
+modules such as Triton's report objects still alive at exit as leaks).
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,5 +34,7 @@ def fast_start() -> Iterator[None]:
         yield
     finally:
         gc.freeze()
+        atexit.unregister(gc.unfreeze)  # one registration however often this runs
+        atexit.register(gc.unfreeze)
         if was_enabled:
             gc.enable()
