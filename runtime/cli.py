@@ -105,6 +105,8 @@ def _models_call(function: str, *args) -> int:
 
 DEFAULT_MODEL = defaults.DEFAULT_MODEL
 PROGRESS_EVERY_S = 5.0  # a batched run prints how far it is at most this often
+BACKEND_HELP = (f"{', '.join(defaults.BACKENDS)} (default: torch), with options as NAME:KEY=VALUE "
+                "(compile:aot=true: compiled ahead of time, loaded by later runs)")
 OUT_HELP = ("an image file (one image, or a grid of all of them: at most 64), a folder ending in / (one PNG per "
             "image, written as each batch finishes), or a pattern with {i} and/or {seed} such as shots/{seed}.jpg "
             "(default: out.png)")  # fmt: skip
@@ -118,8 +120,7 @@ def _add_generate(subparsers) -> None:
                    help=f"an embedded model ({', '.join(defaults.EMBEDDED_MODELS)}; no download), a random-weight "
                         f"preset (sd15, sdxl, sd3-medium, flux-dev, tiny, ...) or a local diffusers folder "
                         f"(SD 1.x/2.x, SDXL, SD3, FLUX.1; default: {DEFAULT_MODEL})")
-    p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch), with "
-                   "options as NAME:KEY=VALUE (compile:aot=true: compiled ahead of time, loaded by later runs)")
+    p.add_argument("--backend", default="torch", help=BACKEND_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
@@ -241,7 +242,7 @@ def _control_options(args, pictures: list) -> dict:
 def _add_serve(subparsers) -> None:
     p = subparsers.add_parser("serve", help="an HTTP image endpoint on Ray Serve (dynamic batching, replicas)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"as for generate (default: {DEFAULT_MODEL})")
-    p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch)")
+    p.add_argument("--backend", default="torch", help=BACKEND_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the cluster has GPUs)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
@@ -286,7 +287,7 @@ def _add_batch(subparsers) -> None:
     p.add_argument("prompts", help="a .txt file (a prompt per line) or .jsonl (objects with prompt and any of seed, "
                    "steps, sampler, guidance, negative_prompt, width, height)")  # fmt: skip
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"as for generate (default: {DEFAULT_MODEL})")
-    p.add_argument("--backend", default="torch", help=f"{', '.join(defaults.BACKENDS)} (default: torch)")
+    p.add_argument("--backend", default="torch", help=BACKEND_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the cluster has GPUs)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", required=True, help="folder of the PNGs and manifest.jsonl; a rerun skips finished rows")

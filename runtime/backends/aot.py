@@ -62,9 +62,6 @@ class Package:
     axes: dict[str, list]
     runner: object = None
 
-    def covers(self, inputs: dict[str, torch.Tensor]) -> bool:
-        return accepts(self.axes, inputs)
-
 
 def accepts(axes: dict[str, list], inputs: dict[str, torch.Tensor]) -> bool:
     """Whether every input's shape is within ``axes`` (a package's accepted sizes)."""
@@ -103,7 +100,7 @@ class AotGraph:
         # a package reads its inputs at the strides it was exported with (dense): an expanded timestep would
         # give every image the first one's
         inputs = {name: tensor.contiguous() for name, tensor in inputs.items()}
-        package = next((p for p in self.packages if p.covers(inputs)), None)
+        package = next((p for p in self.packages if accepts(p.axes, inputs)), None)
         if package is None:
             package = self._compile(inputs)
         return package.runner(*(inputs[name] for name in self.spec.input_names))

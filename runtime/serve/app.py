@@ -23,10 +23,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from ..startup import fast_start
 from . import protocol
 from .metrics import Metrics
 from .resources import cpu_share, torch_threads
+from .worker import start_pipeline
 
 REPLICA_RETRIES = 1  # a request whose replica died is sent once more, to a live one
 HEALTH_TIMEOUT_S = 5.0
@@ -70,21 +70,13 @@ class Settings:
 @serve.deployment
 class Generator:
     def __init__(self, settings: Settings, threads: int | None):
-        import torch
+        from .. import samplers
 
-        from .. import load, samplers
-
-        if threads:
-            torch.set_num_threads(threads)
         self.settings = settings
-        with fast_start():  # the replica keeps its pipeline: collections then skip it (diffrt.startup)
-            self.pipe = load(settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype,
-                             loras=list(settings.loras))  # fmt: skip
+        self.pipe, self.resolved = start_pipeline(settings, threads, loras=list(settings.loras))
         self.base_loras = {name: info["scale"] for name, info in self.pipe.loras.items()}
         self.loras = dict(self.base_loras)
         self.pipe("warm-up", seed=0)  # the first call pays one-time costs; the replica is ready only after it
-        size = self.pipe.default_size
-        self.resolved = {**self.pipe.defaults, "width": size, "height": size}  # what a request leaves out
         self.info_record = {
             "model": settings.model, "backend": settings.backend, "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "defaults": self.pipe.defaults,

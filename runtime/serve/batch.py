@@ -31,9 +31,9 @@ from pathlib import Path
 
 from ..files import atomic_write_bytes
 from ..outputs import encode
-from ..startup import fast_start
 from . import protocol
 from .resources import cpu_share, torch_threads
+from .worker import start_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +140,8 @@ class Painter:
     """A Ray Data worker: one loaded pipeline; a batch of rows in, their manifest lines out."""
 
     def __init__(self, settings: BatchSettings, out: str, threads: int | None):
-        import torch
-
-        from .. import load
-
-        if threads:
-            torch.set_num_threads(threads)
         self.settings, self.out = settings, Path(out)
-        with fast_start():  # the worker keeps its pipeline: collections then skip it (diffrt.startup)
-            self.pipe = load(settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype)
-        size = self.pipe.default_size
-        self.resolved = {**self.pipe.defaults, "width": size, "height": size}  # what a row leaves out
+        self.pipe, self.resolved = start_pipeline(settings, threads)
 
     def __call__(self, batch: dict) -> dict:
         rows = [json.loads(text) for text in batch["row"]]
