@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..defaults import DEFAULT_MODEL
+from ..defaults import DEFAULT_MODEL, SCHEDULER
 from ..fingerprint import weights_digest
 from ..results import read_result, require_numbers
 from .harness import add_call_arguments, fill_call_defaults, write_result
@@ -200,7 +200,7 @@ def run(args) -> int:
     if not (args.tolerance >= 0 and 0 <= args.adherence_drop <= 1):
         raise ValueError(f"need --tolerance >= 0 and 0 <= --adherence-drop <= 1, "
                          f"got {args.tolerance}, {args.adherence_drop}")  # fmt: skip
-    if args.sampler is not None:
+    if args.sampler not in (None, SCHEDULER):
         from ..samplers import get
 
         get(args.sampler)  # an unknown name fails here, before the slow part

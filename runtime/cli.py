@@ -124,7 +124,8 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--steps", type=int, default=None, help="default: the model's")
-    p.add_argument("--sampler", default=None, help="default: the model's; see `diffrt samplers`")
+    p.add_argument("--sampler", default=None, help="default: the model's (a diffusers folder's: 'scheduler', its own "
+                   "scheduler, sampled as diffusers does); see `diffrt samplers`")  # fmt: skip
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (FLUX.1-dev: its "
                    "distilled guidance, an input of the model)")  # fmt: skip
     p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX.1-dev: classifier-free guidance on top, with "
@@ -210,6 +211,8 @@ def _generate(args) -> int:
             print(f"{len(seeds)}/{args.num_images} images ({now - start:.0f} s)", file=sys.stderr)
     if output.grid:
         outputs.write(outputs.image_grid(kept), output.pattern)
+    given = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance}
+    print(pipe.defaults.describe(given, shown={"sampler": result.sampler}))
     print(result.stages.summary() + ("  (the last batch)" if args.num_images > args.batch_size else ""))
     shown = seeds if len(seeds) <= 8 else f"{seeds[0]}..{seeds[-1]}"
     print(f"wrote {output.describe(len(seeds))}, seeds {shown}")
@@ -330,6 +333,8 @@ def _samplers(args) -> int:
         options = ", ".join(sampler.options()) or "-"
         flow = "flow" if sampler.suits_flow else "    "
         print(f"{name:16s} {flow}  {sampler.summary}  [options: {options}]")
+    print(f"{defaults.SCHEDULER:16s} -     the model's own diffusers scheduler, reproduced exactly (a diffusers "
+          "folder's default)")
     print("\nflow: a deterministic ODE solver, valid on flow-matching grids (SD3, FLUX.1, fashion-flow, fashion-dit)")
     return 0
 

@@ -28,6 +28,7 @@ class Components:
     transformer: object = None
     deployed: dict | None = None  # the verified manifest of the deployed export it came from (no torch modules)
     controlnets: list = field(default_factory=list)  # diffusers ControlNetModels feeding the U-Net (diffrt.control)
+    default_sources: dict = field(default_factory=dict)  # where each of ``defaults`` came from (diffrt.defaults)
 
 
     @property

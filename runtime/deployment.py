@@ -3,10 +3,11 @@ transformers or the torch modules.
 
 ``diffrt export MODEL --format onnx --out DIR`` writes, beside the graphs and ``manifest.json``, what the
 pipeline reads off a loaded model: ``deployment.json`` (the family, each part's class and config, the training
-schedule and prediction type, the sampling defaults, and for consistency models their scheduler's grid at every
-step count it allows) and one ``tokenizer_K.json`` per tokenizer (the ``tokenizers`` library's format). The
-manifest records their SHA-256 like the graphs'. :func:`load` turns such a folder into
-:class:`~diffrt.components.Components` whose modules are config-only stand-ins (:class:`ModuleFacts`): the
+schedule and prediction type, the sampling defaults and their sources, and for models that sample on their
+scheduler's own timesteps (consistency models, a diffusers folder's "scheduler" default) the sampler and grid
+``from_diffusers`` gave at every step count it allows) and one ``tokenizer_K.json`` per tokenizer (the
+``tokenizers`` library's format). The manifest records their SHA-256 like the graphs'. :func:`load` turns such
+a folder into :class:`~diffrt.components.Components` whose modules are config-only stand-ins (:class:`ModuleFacts`): the
 exported-graph backends read only the configs, tokenization goes through :class:`~diffrt.text.SavedTokenizer`.
 
 Transformer families (SD3, FLUX.1) are not deployable yet: their flow grids come from diffusers' scheduler at
@@ -50,26 +51,43 @@ class ModuleFacts:
 
 class SavedScheduler(ModuleFacts):
     """The training schedule: ``alphas_cumprod`` and the config, and for models that sample on their
-    scheduler's own timesteps (consistency models) those grids, tabulated at export per step count."""
+    scheduler's own timesteps (consistency models; folders whose default sampler is ``"scheduler"``) what
+    ``from_diffusers`` gave at export, per step count: the sampler, its options and the grids."""
 
-    def __init__(self, class_name: str, config: dict, alphas_cumprod, grids: dict | None):
+    def __init__(self, class_name: str, config: dict, alphas_cumprod, grids: dict | None, sampler: dict | None = None):
         import torch
 
         super().__init__(class_name, config)
         self.alphas_cumprod = torch.tensor(alphas_cumprod, dtype=torch.float32)
         self.grids = grids or {}
+        if sampler is None and class_name == "LCMScheduler":  # records written before the sampler was kept
+            sampler = {"name": "lcm", "options": {}}
+        self.sampler = sampler
 
-    def tabulated_grid(self, steps: int, options: dict):
-        """The grid diffusers' scheduler gives for ``steps`` (as ``from_diffusers`` read it at export)."""
+    def tabulated(self, steps: int):
+        """``from_diffusers(scheduler, steps)`` as read at export, or None when that step count was not
+        tabulated (``from_diffusers`` then rebuilds the diffusers scheduler from the config)."""
         from .schedules import Grid
 
-        if options:
-            raise ValueError(f"a deployed {self.class_name} has no grids for timestep options {sorted(options)}")
         grid = self.grids.get(str(steps))
-        if grid is None:
-            allowed = sorted(int(k) for k in self.grids)
-            raise ValueError(f"steps must be one of {allowed[0]}..{allowed[-1]} for this deployed model, got {steps!r}")
-        return Grid(**{**_tensors(grid), "init_scale": grid["init_scale"], "kind": grid["kind"]})
+        if grid is None or self.sampler is None:
+            return None
+        grid = Grid(**{**_tensors(grid), "init_scale": grid["init_scale"], "kind": grid["kind"]})
+        return self.sampler["name"], grid, _decode_options(self.sampler["options"])
+
+
+def _encode_options(options: dict) -> dict:
+    """Sampler options as JSON: a torch dtype (an SDE's ``noise_dtype``) by its name."""
+    import torch
+
+    return {key: {"dtype": str(value).removeprefix("torch.")} if isinstance(value, torch.dtype) else value
+            for key, value in options.items()}  # fmt: skip
+
+
+def _decode_options(options: dict) -> dict:
+    import torch
+
+    return {k: getattr(torch, v["dtype"]) if isinstance(v, dict) else v for k, v in options.items()}
 
 
 def _tensors(grid: dict) -> dict:
@@ -108,6 +126,7 @@ def write(components, folder: Path) -> dict:
     payload = {
         "format": FORMAT, "diffrt": __version__, "name": components.name, "family": components.family,
         "random_weights": components.random_weights, "defaults": components.defaults,
+        "default_sources": components.default_sources,
         "denoiser": {"part": components.denoiser_name, **_facts(components.denoiser)},
         "vae": _facts(components.vae), "text_encoders": [_facts(e) for e in components.text_encoders],
         "scheduler": scheduler_record(components), "tokenizers": tokenizers,
@@ -123,9 +142,13 @@ def _facts(module) -> dict:
     return {"class": class_name(module), "config": json.loads(json.dumps(raw, default=str))}
 
 
+TABULATED_STEPS = 100  # a "scheduler" default's grids are kept for 1..this many steps (more: diffusers rebuilds it)
+
+
 def scheduler_record(components) -> dict:
-    """The training schedule as deployment.json holds it (and, for consistency models, the grids)."""
-    from . import samplers
+    """The training schedule as deployment.json holds it, and for models that sample on their scheduler's own
+    timesteps (consistency models, a folder's "scheduler" default) what from_diffusers gives per step count."""
+    from . import defaults, samplers
 
     scheduler = components.scheduler
     record = {"class": class_name(scheduler), "config": json.loads(json.dumps(dict(scheduler.config), default=str))}
@@ -133,12 +156,20 @@ def scheduler_record(components) -> dict:
     record["alphas_cumprod"] = None if acp is None else [float(a) for a in acp]
     if components.is_consistency:  # LCM: its own timesteps, for every step count a call may ask for
         steps = int(scheduler.config.get("original_inference_steps") or 50)
-        grids = {}
-        for n in range(1, steps + 1):
-            _, grid, _ = samplers.from_diffusers(scheduler, n)
-            grids[str(n)] = {"alphas": grid.alphas.tolist(), "sigmas": grid.sigmas.tolist(),
-                             "timesteps": grid.timesteps.tolist(), "init_scale": grid.init_scale, "kind": grid.kind}
-        record["grids"] = grids  # fmt: skip
+    elif components.defaults.get("sampler") == defaults.SCHEDULER:
+        steps = TABULATED_STEPS
+    else:
+        return record
+    grids, sampler = {}, None
+    for n in range(1, steps + 1):
+        try:
+            name, grid, options = samplers.from_diffusers(scheduler, n)
+        except ValueError:  # a step count this scheduler cannot take: refused at call time, as before export
+            continue
+        sampler = {"name": name, "options": _encode_options(options)}
+        grids[str(n)] = {"alphas": grid.alphas.tolist(), "sigmas": grid.sigmas.tolist(),
+                         "timesteps": grid.timesteps.tolist(), "init_scale": grid.init_scale, "kind": grid.kind}
+    record.update(grids=grids, sampler=sampler)  # fmt: skip
     return record
 
 
@@ -203,12 +234,14 @@ def load(folder, dtype=None) -> Components:
     denoiser = ModuleFacts(deployment["denoiser"]["class"], deployment["denoiser"]["config"])
     unet, transformer = (denoiser, None) if deployment["denoiser"]["part"] == "unet" else (None, denoiser)
     sched = deployment["scheduler"]
-    scheduler = SavedScheduler(sched["class"], sched["config"], sched["alphas_cumprod"], sched.get("grids"))
+    scheduler = SavedScheduler(sched["class"], sched["config"], sched["alphas_cumprod"], sched.get("grids"),
+                               sched.get("sampler"))  # fmt: skip
     encoders = [ModuleFacts(e["class"], e["config"]) for e in deployment["text_encoders"]]
     vae = ModuleFacts(deployment["vae"]["class"], deployment["vae"]["config"])
     return Components(deployment["name"], families.get(deployment["family"]).name, unet, vae, encoders, tokenizers,
                       scheduler, random_weights=deployment["random_weights"], defaults=deployment["defaults"],
-                      path=folder, transformer=transformer, deployed=manifest)  # fmt: skip
+                      path=folder, transformer=transformer, deployed=manifest,
+                      default_sources=deployment.get("default_sources", {}))  # fmt: skip
 
 
 def precision_dtype(folder) -> str:

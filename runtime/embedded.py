@@ -90,10 +90,11 @@ def load(name: str, dtype=None, root: Path = MODELS_DIR) -> Components:
         raise ValueError(f"{path}/scheduler: unknown scheduler class {scheduler_config.get('_class_name')!r}")
     scheduler = scheduler_class.from_config(scheduler_config)
     encoder, tokenizer = minilm.load_text_encoder()
-    model_defaults = defaults.merged(defaults.read_file(path))
+    model_defaults, sources = defaults.layered((defaults.FILE_SOURCE, defaults.read_file(path)))
     unet, transformer = (denoiser, None) if part == "unet" else (None, denoiser)
     return Components(name, family.name, unet, vae, [encoder.to(dtype)], [tokenizer], scheduler,
-                      defaults=model_defaults, path=path, transformer=transformer)  # fmt: skip
+                      defaults=model_defaults, path=path, transformer=transformer,
+                      default_sources=sources)  # fmt: skip
 
 
 def _read_json(path: Path) -> dict:

@@ -8,13 +8,17 @@ from its ``model_index.json`` pipeline class (:mod:`diffrt.families`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
 from . import defaults, families
-from .components import Components
+from .components import Components, class_name
 from .files import read_json_object
+
+log = logging.getLogger(__name__)
 
 SAFE = dict(local_files_only=True, use_safetensors=True)
 
@@ -104,13 +108,65 @@ def load_folder(path: str | os.PathLike, dtype=None) -> Components:
         encoder, tokenizer = _text_encoder(index, path, part, family, dtype)
         encoders.append(encoder)
         tokenizers.append(tokenizer)
-    scheduler = _scheduler(index, path)
-    model_defaults = defaults.merged(defaults.read_file(path))
+    scheduler = as_pipeline_sets(_scheduler(index, path), index["_class_name"], family)
     unet, transformer = (denoiser, None) if family.denoiser_part == "unet" else (None, denoiser)
-    components = Components(path.name, family.name, unet, vae, encoders, tokenizers, scheduler,
-                            defaults=model_defaults, path=path, transformer=transformer)  # fmt: skip
+    components = Components(path.name, family.name, unet, vae, encoders, tokenizers, scheduler, path=path,
+                            transformer=transformer)  # fmt: skip
     family.check_components(components, path)
+    components.defaults, components.default_sources = folder_defaults(components, index["_class_name"], path)
     return components
+
+
+# The pipeline's __call__ arguments whose defaults a folder gives: diffusers' name -> diffrt's. The size is not
+# read here: the families compute it from the denoiser's sample_size as the pipelines do (default_size).
+PIPELINE_ARGUMENTS = {"num_inference_steps": "steps", "guidance_scale": "guidance",
+                      "max_sequence_length": "max_sequence_length"}  # fmt: skip
+
+
+def folder_defaults(components: Components, pipeline_class: str, path: Path) -> tuple[dict, dict]:
+    """(defaults, sources) of a folder: its ``diffrt.json``; then what diffusers' own pipeline would use: the
+    folder's scheduler (sampler ``"scheduler"``, when ``from_diffusers`` reproduces it at these defaults) and
+    the pipeline class's ``__call__`` defaults (steps, guidance, T5 length), as the family reads them; then
+    diffrt's built-ins."""
+    family = families.of(components)
+    pipeline = family.call_defaults(components, pipeline_defaults(pipeline_class))
+    own = {"sampler": defaults.SCHEDULER} if _reproducible(components, pipeline, path) else {}
+    return defaults.layered((defaults.FILE_SOURCE, defaults.read_file(path)),
+                            (f"the folder's {pipeline_class}", pipeline),
+                            (f"the folder's {class_name(components.scheduler)}", own))  # fmt: skip
+
+
+def pipeline_defaults(pipeline_class: str) -> dict:
+    """The defaults of diffusers pipeline ``pipeline_class``'s ``__call__`` that diffrt takes (PIPELINE_ARGUMENTS),
+    read from its signature: numbers only ({} for a class this diffusers lacks)."""
+    import diffusers
+
+    pipeline = getattr(diffusers, pipeline_class, None)
+    if pipeline is None:
+        return {}
+    parameters = inspect.signature(pipeline.__call__).parameters
+    found = {}
+    for argument, key in PIPELINE_ARGUMENTS.items():
+        value = parameters[argument].default if argument in parameters else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found[key] = value
+    return found
+
+
+def _reproducible(components: Components, pipeline: dict, path: Path) -> bool:
+    """Whether ``from_diffusers`` reproduces the folder's scheduler at the default step count and size; if not,
+    a warning says so and the folder samples with diffrt's default sampler on its noise schedule."""
+    from . import samplers
+
+    scheduler, family = components.scheduler, families.of(components)
+    steps, size = pipeline.get("steps", defaults.BUILTIN["steps"]), family.default_size(components)
+    try:
+        samplers.from_diffusers(scheduler, steps, **family.timestep_options(components, scheduler, steps, size, size))
+    except ValueError as err:
+        log.warning("%s: diffrt cannot sample as its %s does (%s); it samples with diffrt's %s instead", path,
+                    class_name(scheduler), err, defaults.BUILTIN["sampler"])  # fmt: skip
+        return False
+    return True
 
 
 def _text_encoder(index: dict, path: Path, part: str, family, dtype):
@@ -131,6 +187,22 @@ def _text_encoder(index: dict, path: Path, part: str, family, dtype):
         raise ValueError(f"{path}: {tokenizer_part} class {tok_cls!r} is not a transformers tokenizer")
     tok_folder = path / tokenizer_part
     return encoder.eval(), load_part(tokenizer_part, tok_folder, lambda: tok_class.from_pretrained(tok_folder))
+
+
+def as_pipeline_sets(scheduler, pipeline_class: str, family):
+    """The scheduler as the folder's pipeline class runs it: SD 1.x/2.x's pipelines rewrite an outdated config
+    when they are built (``steps_offset`` to 1, ``clip_sample`` to False), so diffrt does too."""
+    if pipeline_class not in family.scheduler_fixing_pipelines:
+        return scheduler
+    fixes = {}
+    if scheduler.config.get("steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if scheduler.config.get("clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    if fixes:
+        log.info("%s: its %s config is outdated; %s as diffusers' %s sets it", pipeline_class,
+                 type(scheduler).__name__, fixes, pipeline_class)  # fmt: skip
+    return type(scheduler).from_config(scheduler.config, **fixes) if fixes else scheduler
 
 
 def _scheduler(index: dict, path: Path):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import control, denoisers, families, inversion, lora, memory, request, samplers, step_cache
+from . import control, defaults, denoisers, families, inversion, lora, memory, request, samplers, step_cache
 from .devices import DTYPE_NAMES, resolve_device, resolve_device_dtype  # noqa: F401  (resolve_*: earlier home)
 from .families.base import guidance_embedding  # noqa: F401  (earlier home)
 from .images import OUTPUT_TYPES, convert, image_tensor, latent_mask, to_tensor  # noqa: F401
@@ -35,6 +35,7 @@ class Result:
     images: object
     seeds: list[int]
     stages: StageTimes
+    sampler: str = ""  # the sampler that ran (for sampler="scheduler": the one reproducing the model's scheduler)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Start:
     unet_extra: torch.Tensor | None = None  # 9-channel inpainting U-Nets: [mask, masked-image latents]
     control_images: list[torch.Tensor] | None = None  # per ControlNet, the rows it sees (diffrt.control)
     control_scales: torch.Tensor | None = None  # [ControlNets] float32
+    generators: list | None = None  # each image's CPU generator, after its initial noise (step_noise="diffusers")
 
 
 class Pipeline:
@@ -90,9 +92,10 @@ class Pipeline:
         return self.family.default_size(self.components)
 
     @property
-    def defaults(self) -> dict:
-        """The model's sampling defaults (steps, sampler, guidance): what a call uses for what it leaves unset."""
-        return dict(self.components.defaults)
+    def defaults(self) -> defaults.Defaults:
+        """The model's sampling defaults (steps, sampler, guidance, ...): what a call uses for what it leaves
+        unset, with where each came from (``.sources``, ``.describe()``; see :mod:`diffrt.defaults`)."""
+        return defaults.Defaults(self.components.defaults, self.components.default_sources)
 
     @property
     def rules(self) -> request.Rules:
@@ -104,7 +107,7 @@ class Pipeline:
         return request.Rules(components.defaults, family.size_step(components), self.min_size, self.default_size,
                              components.inpainting_unet, max_steps, distilled,
                              family.max_sequence_length(components), family.max_size(components),
-                             len(components.controlnets))  # fmt: skip
+                             len(components.controlnets), components.scheduler)  # fmt: skip
 
     def __repr__(self):
         weights = ", RANDOM weights" if self.components.random_weights else ""
@@ -186,7 +189,13 @@ class Pipeline:
         req = request.build(self.rules, prompt, negative_prompt, **options)
         self._check_cache(req)
         self._check_memory(req, batch_name="num_images (or generate_batches)")
+        self._check_grid(req)
         return req
+
+    def _check_grid(self, req: Request) -> None:
+        """A scheduler's timesteps are read now: a step count or size it cannot take fails before any work."""
+        if req.scheduler is not None:
+            self._grid(req)
 
     def generate_batches(self, prompt, negative_prompt=None, *, batch_size: int = 8, **options):
         """Yield one :class:`Result` per batch of at most ``batch_size`` images, in order: memory stays that of
@@ -197,6 +206,7 @@ class Pipeline:
         n = len(req.prompts)
         self._check_cache(req)
         self._check_memory(request.batch(req, 0, min(batch_size, n)), batch_name="batch_size")
+        self._check_grid(req)
         for first in range(0, n, batch_size):
             yield self._run(request.batch(req, first, min(first + batch_size, n)))
 
@@ -241,7 +251,7 @@ class Pipeline:
         start = self._start(req, cond, uncond, image_latents)
         x, unet_marks, tally = self._denoise(req, start, clock)
         t_denoised = clock.mark()
-        _require_finite(x, "latents", req)  # after the mark: the host sync it needs is not timed as denoising
+        _require_finite(x, "latents", req, start.plan.name)  # after the mark: its host sync is not denoising
         result = x if req.output_type == "latent" else self._decode_output(req, x)
         t_end = clock.mark()
 
@@ -253,7 +263,7 @@ class Pipeline:
             times.full_calls, times.cached_calls = tally
         times.vae_decode_ms = clock.ms(t_denoised, t_end) if req.output_type != "latent" else 0.0
         times.total_ms = clock.ms(t_start, t_end)
-        return Result(convert(result, req.output_type), list(req.seeds), times)
+        return Result(convert(result, req.output_type), list(req.seeds), times, start.plan.name)
 
     # ---------------------------------------------------------------------------------- encode
     def _encode(self, req: Request):
@@ -292,10 +302,7 @@ class Pipeline:
             return samplers.from_diffusers(req.scheduler, req.steps, **self._timestep_options(req.scheduler, req))
         if self.family.uses_scheduler_grid(components):
             # consistency models: the LCM scheduler's own timesteps; SD3/FLUX: their shifted flow grids
-            options = self._timestep_options(scheduler, req)
-            tabulated = getattr(scheduler, "tabulated_grid", None)  # a deployed export's, read off diffusers at export
-            grid = tabulated(req.steps, options) if tabulated else samplers.from_diffusers(scheduler, req.steps,
-                                                                                            **options)[1]  # fmt: skip
+            grid = samplers.from_diffusers(scheduler, req.steps, **self._timestep_options(scheduler, req))[1]
             return req.sampler, grid, req.sampler_options
         if components.is_flow:
             return req.sampler, flow_grid(req.steps, shift=scheduler.config.get("shift", 1.0)), req.sampler_options
@@ -311,15 +318,19 @@ class Pipeline:
         scaled noise, or for image-to-image the image noised to the first level the strength leaves."""
         name, grid, options = self._grid(req)
         shape = self.family.latent_shape(self.components, req.height, req.width)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s))
-                             for s in req.seeds]).to(self.device)  # fmt: skip
+        generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
+        if image_latents is not None and req.step_noise == "diffusers":
+            # diffusers samples the VAE posterior first (diffrt takes its mean): its draw, to keep the order
+            for generator in generators:
+                torch.randn(image_latents.shape[1:], generator=generator)
+        noise = torch.stack([torch.randn(shape, generator=generator) for generator in generators]).to(self.device)
         if image_latents is None or req.strength >= 1.0:
             x = noise * grid.init_scale
         else:
             grid = _skip_start(grid, req.strength)
             x = float(grid.alphas[0]) * image_latents + float(grid.sigmas[0]) * noise
         start = Start(samplers.prepare(name, grid, self.device, torch.float32, **options), x.to(torch.float32),
-                      cond, uncond, image_latents)  # fmt: skip
+                      cond, uncond, image_latents, generators=generators)  # fmt: skip
         if req.control is not None:
             self._start_control(start, req)
         if req.mask is not None:
@@ -420,9 +431,9 @@ class Pipeline:
         denoiser = self._loop_denoiser(req.cfg_scale, req.guidance_rescale, start.cond, start.uncond,
                                        start.image_latents, start.repaint, start.unet_extra, session,
                                        control_loop)  # fmt: skip
-        step_generators = [
+        step_generators = start.generators if req.step_noise == "diffusers" else [
             torch.Generator(self.device).manual_seed((s + _STEP_SEED_OFFSET) % 2**63) for s in req.seeds
-        ]
+        ]  # fmt: skip
         plan = start.plan
         bar = tqdm(total=calls, desc="denoising", leave=False) if req.progress else ProgressLines(calls, "denoising")
         with bar:
@@ -510,11 +521,11 @@ def _model_calls(plan: samplers.Plan) -> int:
     return plan.levels.steps + sum(plan.static.get("second", []))
 
 
-def _require_finite(tensor: torch.Tensor, what: str, req: Request) -> None:
+def _require_finite(tensor: torch.Tensor, what: str, req: Request, sampler: str) -> None:
     """Never hand back a NaN/inf image as if it were one (one host sync per call, after the loop)."""
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"the {what} came out non-finite (NaN or inf) at guidance {req.guidance:g}, "
-                         f"{req.steps} steps of {req.sampler}: lower the guidance, or run in float32")  # fmt: skip
+                         f"{req.steps} steps of {sampler}: lower the guidance, or run in float32")  # fmt: skip
 
 
 def _skip_start(grid: Grid, strength: float) -> Grid:

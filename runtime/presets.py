@@ -324,6 +324,6 @@ def load(preset: str | Preset, dtype=None, device=None) -> Components:
         for module in (denoiser, vae, *encoders):
             module.to(dtype)
     unet, transformer = (denoiser, None) if preset.unet is not None else (None, denoiser)
+    values, sources = defaults.layered((f"the {preset.name} preset", preset.defaults))
     return Components(preset.name, preset.family, unet, vae, encoders, tokenizers, scheduler, random_weights=True,
-                      defaults=defaults.merged(preset.defaults),
-                      transformer=transformer)  # fmt: skip
+                      defaults=values, transformer=transformer, default_sources=sources)  # fmt: skip

@@ -12,17 +12,19 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import control as controlnets
 from . import defaults, samplers, step_cache
+from .components import class_name
 from .images import OUTPUT_TYPES, fit_size, image_tensor, mask_tensor
 from .schedules import SPACINGS
 
 log = logging.getLogger(__name__)
 
+STEP_NOISE = ("diffusers", "device")  # see build
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_GUIDANCE = 100.0  # beyond this the guided prediction leaves the data range: saturated or non-finite images
 USUAL_GUIDANCE = 30.0  # above this a warning: published models are sampled at 1-15
@@ -42,6 +44,7 @@ class Rules:
     max_sequence_length: int | None = None  # the T5 families: the most text tokens a call may ask for
     max_size: int | None = None  # the largest side the model's position embedding covers (SD3)
     controlnets: int = 0  # ControlNets attached to the model: a call gives each a control image
+    scheduler: object = field(default=None, compare=False)  # the model's own: what sampler="scheduler" samples as
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Request:
     guidance_distilled: bool = False
     cache: step_cache.CacheConfig | None = None  # a step cache (diffrt.step_cache); None: every call computed
     control: controlnets.Control | None = None  # the ControlNets' images and settings (diffrt.control)
+    step_noise: str = "device"  # where stochastic steps draw noise from (STEP_NOISE)
 
     @property
     def cfg_scale(self) -> float:
@@ -87,17 +91,25 @@ def build(
     rules: Rules, prompt, negative_prompt=None, *, steps: int | None = None, sampler: str | None = None,
     guidance: float | None = None, guidance_rescale: float = 0.0, seed=None, num_images: int | None = None,
     height: int | None = None, width: int | None = None, output_type: str = "pil", image=None,
-    strength: float | None = None, mask_image=None, overlay: bool = True, spacing: str = "trailing",
+    strength: float | None = None, mask_image=None, overlay: bool = True, spacing: str | None = None,
     scheduler=None, progress: bool | None = None, true_cfg: float = 1.0, max_sequence_length: int | None = None,
     cache=None, control_image=None, controlnet_scale=1.0, control_start=0.0, control_end=1.0,
-    guess_mode: bool = False, **sampler_options,
+    guess_mode: bool = False, step_noise: str | None = None, **sampler_options,
 ) -> Request:  # fmt: skip
     """Check a call's arguments and fill in the model's defaults.
 
     ``seed``: with an int seed s, image k uses seed s + k, so it is reproducible on its own (a list gives one
-    seed per image; None draws one). ``guidance`` 0 or 1 runs the conditional U-Net pass only. ``spacing``
-    places the timesteps (trailing starts at the last training timestep, which few-step sampling needs).
+    seed per image; None draws one). ``guidance`` 0 or 1 runs the conditional U-Net pass only.
+    ``sampler``: one of diffrt's samplers on the model's noise schedule, or ``"scheduler"``: the model's own
+    diffusers scheduler reproduced exactly (a published folder's default: see :mod:`diffrt.defaults`).
+    ``spacing`` places the timesteps (default: trailing for diffrt's samplers, which starts at the last training
+    timestep as few-step sampling needs; the scheduler's own for ``"scheduler"``, which it overrides).
     ``scheduler``: a configured diffusers scheduler to reproduce exactly instead of ``sampler``/``spacing``.
+    ``step_noise``: where stochastic steps (ancestral, SDE, LCM) draw their noise: ``"diffusers"``, each image's
+    CPU generator continuing after its initial noise (after a posterior-sized draw for image-to-image), as
+    diffusers' pipelines draw with ``generator=[torch.Generator().manual_seed(s) for s in seeds]``: the same
+    numbers; or ``"device"``, generators on the model's device seeded apart (no host copy per step). Default:
+    "diffusers" when sampling as a diffusers scheduler (``"scheduler"`` or ``scheduler=``), else "device".
     ``strength`` (default 0.8 for image-to-image, 1 for inpainting) 1 ignores the image's content
     (text-to-image from the same seed; with a mask, only the masked region is generated). ``mask_image``:
     white (1) = repaint, black (0) = keep; with ``overlay`` (default) the kept pixels are the input's own
@@ -120,16 +132,24 @@ def build(
     negatives = None if negative_prompt is None else _prompt_list(negative_prompt, n, "negative_prompt")
     if scheduler is not None and sampler is not None:
         raise ValueError("give either sampler= or scheduler= (a diffusers scheduler to reproduce), not both")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if scheduler is not None and spacing is not None:
+        raise ValueError("spacing= applies to diffrt's samplers; a scheduler= places its own timesteps (set its "
+                         "timestep_spacing)")  # fmt: skip
     chosen = defaults.resolve(rules.defaults, steps=steps, sampler=sampler, guidance=guidance)
     steps, sampler, guidance = chosen["steps"], chosen["sampler"], chosen["guidance"]
     _check_steps(steps, rules.max_steps)
-    if scheduler is None and sampler not in samplers.available():
-        raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(samplers.available())}")
+    if scheduler is None and sampler == defaults.SCHEDULER:
+        scheduler = _own_scheduler(rules, spacing, sampler_options)
+    elif scheduler is None and sampler not in samplers.available():
+        raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(samplers.available())} or "
+                         f"{defaults.SCHEDULER!r} (the model's own scheduler)")  # fmt: skip
+    if step_noise is not None and step_noise not in STEP_NOISE:
+        raise ValueError(f"step_noise must be one of {STEP_NOISE}, got {step_noise!r}")
     _check_guidance(guidance)
     if not _is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     seeds = _seed_list(seed, n)
@@ -151,9 +171,10 @@ def build(
     _check_sequence(max_sequence_length, rules)
     return Request(
         prompts, negatives, seeds, steps, sampler, sampler_options, float(guidance), float(guidance_rescale),
-        height, width, output_type, picture, float(strength or 1.0), mask, spacing, scheduler,
+        height, width, output_type, picture, float(strength or 1.0), mask, spacing or "trailing", scheduler,
         sys.stderr.isatty() if progress is None else progress, bool(overlay), float(true_cfg), max_sequence_length,
         rules.guidance_distilled, step_cache.parse(cache), control,
+        step_noise or ("diffusers" if scheduler is not None else "device"),
     )  # fmt: skip
 
 
@@ -168,6 +189,16 @@ def batch(req: Request, first: int, last: int) -> Request:
         control = replace(control, images=tuple(rows(images) for images in control.images))
     return replace(req, prompts=req.prompts[first:last], negatives=negatives, seeds=req.seeds[first:last],
                    image=rows(req.image), mask=rows(req.mask), control=control)  # fmt: skip
+
+
+def _own_scheduler(rules: Rules, spacing: str | None, options: dict):
+    """The model's scheduler for sampler="scheduler" (with ``spacing``'s timesteps when given)."""
+    if rules.scheduler is None:
+        raise ValueError(f"sampler {defaults.SCHEDULER!r} needs a model with a diffusers scheduler")
+    if options:
+        raise ValueError(f"sampler options {sorted(options)} need a named sampler: sampler {defaults.SCHEDULER!r} "
+                         f"samples exactly as the model's {class_name(rules.scheduler)} does")  # fmt: skip
+    return rules.scheduler if spacing is None else samplers.with_spacing(rules.scheduler, spacing)
 
 
 def _is_number(value) -> bool:

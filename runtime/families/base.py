@@ -134,6 +134,8 @@ class UNetFamily:
     denoiser_classes: tuple[str, ...] = ("UNet2DConditionModel",)
     optional_parts: tuple[str, ...] = ()  # text encoders a folder may leave out (SD3's T5)
     onnx_exporter: str = "torchscript"  # torch.onnx's exporter that keeps this family's graphs dynamic
+    # pipeline classes whose __init__ rewrites an outdated scheduler config (steps_offset 1, clip_sample False)
+    scheduler_fixing_pipelines: tuple[str, ...] = ()
 
     def lora_state_dict(self, components, state_dict: dict) -> tuple[dict, dict | None]:
         """A LoRA state dict in diffusers' naming and its kohya alphas (None for diffusers/PEFT files), by the
@@ -320,6 +322,11 @@ class UNetFamily:
         return {"timestep_cond": guidance_embedding(guidance, dim, like).expand(batch, -1)}
 
     # ---------------------------------------------------------------------------------------- sampling
+    def call_defaults(self, components, pipeline: dict) -> dict:
+        """The defaults a folder's diffusers pipeline class gives (``pipeline``: steps, guidance, ...) in diffrt's
+        terms for this model: what diffrt must use to sample as that pipeline does."""
+        return pipeline
+
     def timestep_options(self, components, scheduler, steps: int, height: int, width: int) -> dict:
         """Keywords the family's pipeline gives ``scheduler.set_timesteps`` beyond the step count (FLUX's
         custom sigmas, the resolution shift ``mu``); the U-Net families give none."""

@@ -143,6 +143,13 @@ class FluxFamily(TransformerFamily):
         clip, t5 = self.run_text_encoders(run, components, prompts, device, lengths)
         return {"encoder_hidden_states": t5["hidden"], "pooled_projections": clip["pooled"].to(t5["hidden"].dtype)}
 
+    def call_defaults(self, components, pipeline: dict) -> dict:
+        """FluxPipeline hands ``guidance_scale`` only to a guidance embedding: for a model without one (schnell) it
+        runs no guidance at all, which is diffrt's guidance 1 (diffrt's guidance there is classifier-free)."""
+        if "guidance" in pipeline and not self.guidance_distilled(components):
+            return {**pipeline, "guidance": 1.0}
+        return pipeline
+
     def embedded_guidance(self, components, guidance, batch, like) -> dict | None:
         if not self.guidance_distilled(components):
             return None

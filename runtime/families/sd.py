@@ -13,4 +13,6 @@ SD = UNetFamily(
     text_encoder_parts=("text_encoder",),
     index_extras={"safety_checker": [None, None], "feature_extractor": [None, None],
                   "requires_safety_checker": False, "image_encoder": [None, None]},
+    scheduler_fixing_pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                                "StableDiffusionInpaintPipeline"),
 )  # fmt: skip

@@ -6,7 +6,7 @@ Names load lazily: ``available()`` and ``get()`` (the registry) need no torch, s
 fast; ``sample``, ``prepare``, ``run`` and ``from_diffusers`` import torch on first use.
 """
 
-__all__ = ["Plan", "available", "from_diffusers", "get", "prepare", "register", "run", "sample"]
+__all__ = ["Plan", "available", "from_diffusers", "get", "prepare", "register", "run", "sample", "with_spacing"]
 
 
 def __getattr__(name: str):
@@ -18,8 +18,8 @@ def __getattr__(name: str):
         from . import base
 
         return getattr(base, name)
-    if name == "from_diffusers":
-        from .diffusers_compat import from_diffusers
+    if name in ("from_diffusers", "with_spacing"):
+        from . import diffusers_compat
 
-        return from_diffusers
+        return getattr(diffusers_compat, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

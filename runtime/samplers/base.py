@@ -51,10 +51,11 @@ class Plan:
         """Standard normal noise shaped like x. ``generator`` may be a list with one generator per batch item,
         so that item k's randomness does not depend on the rest of the batch."""
         dtype = self.noise_dtype or x.dtype
-        if isinstance(generator, list | tuple):
-            parts = [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=dtype) for g in generator]
-            return torch.stack(parts).to(x.dtype)
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype).to(x.dtype)
+        if isinstance(generator, list | tuple):  # each drawn where its generator lives (CPU ones, as diffusers)
+            parts = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
+            return torch.stack(parts).to(x.device, x.dtype)
+        device = x.device if generator is None else generator.device
+        return torch.randn(x.shape, generator=generator, device=device, dtype=dtype).to(x.device, x.dtype)
 
 
 @dataclass(frozen=True)

@@ -85,9 +85,9 @@ def _acp_grid(sched, timesteps: torch.Tensor, final_acp: float) -> Grid:
     return Grid(alphas=levels.sqrt(), sigmas=(1 - levels).sqrt(), timesteps=t, init_scale=1.0, kind="vp")
 
 
-def _check_consecutive(sched, prev_of, option="timestep_spacing") -> None:
-    """DDIM/DDPM step from t to their own notion of the previous timestep; it must be the next listed one."""
-    ts = [int(t) for t in sched.timesteps]
+def _check_consecutive(sched, prev_of, option="timestep_spacing", timesteps=None) -> None:
+    """DDIM/DDPM/PNDM step from t to their own notion of the previous timestep; it must be the next listed one."""
+    ts = [int(t) for t in (sched.timesteps if timesteps is None else timesteps)]
     for t, nxt in zip(ts, ts[1:] + [-1], strict=True):
         if prev_of(t) != nxt and not (prev_of(t) < 0 and nxt == -1):
             _reject(sched, option, sched.config.get(option), "a spacing whose steps are all equal for this n")
@@ -179,6 +179,22 @@ def _unipc(sched):
     return "unipc", grid, options
 
 
+def _pndm_config(sched) -> None:
+    # checked before set_timesteps, which fails on its own for some step counts with the Runge-Kutta start
+    if not sched.config.skip_prk_steps:
+        _reject(sched, "skip_prk_steps", False, "True (the PLMS start of SD 1.x; the Runge-Kutta start is not built)")
+    _require(sched, "prediction_type", ("epsilon", "v_prediction"))
+
+
+def _pndm(sched):
+    levels = torch.unique_consecutive(sched.timesteps)  # its list repeats the second level (the Heun start's call)
+    ratio = sched.config.num_train_timesteps // sched.num_inference_steps
+    _check_consecutive(sched, lambda t: t - ratio, timesteps=levels)
+    final = 1.0 if sched.config.set_alpha_to_one else float(sched.alphas_cumprod[0])
+    combine = "v" if sched.config.prediction_type == "v_prediction" else "eps"
+    return "pndm", _acp_grid(sched, levels, final), {"combine": combine}
+
+
 def _lcm(sched):
     _common_vp_checks(sched)
     # LCM returns the boundary-scaled x0 estimate at the last step, so the grid always ends clean.
@@ -203,8 +219,11 @@ _MAPPERS = {
     "DPMSolverSinglestepScheduler": _dpm_singlestep,
     "UniPCMultistepScheduler": _unipc,
     "LCMScheduler": _lcm,
+    "PNDMScheduler": _pndm,
     "FlowMatchEulerDiscreteScheduler": _flow_euler,
 }
+
+_CONFIG_CHECKS = {"PNDMScheduler": _pndm_config}  # what must hold before the scheduler's own set_timesteps
 
 
 def from_diffusers(scheduler, n: int, *, mu: float | None = None, sigmas=None) -> tuple[str, Grid, dict]:
@@ -220,7 +239,35 @@ def from_diffusers(scheduler, n: int, *, mu: float | None = None, sigmas=None) -
     configuration ends short of the clean sample (DDIM ``set_alpha_to_one=False``, ``final_sigmas_type=
     "sigma_min"``), so does the grid.
     """
+    table = getattr(scheduler, "tabulated", None)  # a deployed export's stand-in: what this gave at export
+    found = table(n) if table is not None and mu is None and sigmas is None else None
+    if found is not None:
+        return found
+    scheduler = as_diffusers(scheduler)
     kind = type(scheduler).__name__
     if kind not in _MAPPERS:
         raise ValueError(f"from_diffusers does not support {kind}; supported: {', '.join(sorted(_MAPPERS))}")
+    _CONFIG_CHECKS.get(kind, lambda s: None)(scheduler)
     return _MAPPERS[kind](_fresh(scheduler, n, mu, sigmas))
+
+
+def as_diffusers(scheduler):
+    """``scheduler`` itself, or for a stand-in that records only a class name and config (a deployed export's
+    :class:`~diffrt.deployment.SavedScheduler`) that diffusers scheduler rebuilt from its config."""
+    if hasattr(scheduler, "set_timesteps"):
+        return scheduler
+    import diffusers
+
+    kind = getattr(scheduler, "class_name", type(scheduler).__name__)
+    if not isinstance(getattr(diffusers, kind, None), type):
+        raise ValueError(f"{kind!r} is not a diffusers scheduler")
+    return getattr(diffusers, kind).from_config(dict(scheduler.config))
+
+
+def with_spacing(scheduler, spacing: str):
+    """A copy of ``scheduler`` whose timesteps are placed by ``spacing`` ("leading", "trailing", "linspace")."""
+    scheduler = as_diffusers(scheduler)
+    if "timestep_spacing" not in scheduler.config:
+        raise ValueError(f"spacing={spacing!r} does not apply to {type(scheduler).__name__}: it has no "
+                         "timestep_spacing (name a sampler to sample on diffrt's spacings)")  # fmt: skip
+    return type(scheduler).from_config(scheduler.config, timestep_spacing=spacing)

@@ -300,6 +300,58 @@ def _loop_singlestep(denoiser, x, plan, generator):
 
 register("dpmpp_2s", _plan_dpmpp_2s, _loop_singlestep, summary="DPM-Solver++(2S), 2nd order singlestep")
 
+# -------------------------------------------------------------------------------------- PNDM (PLMS)
+
+_ADAMS_BASHFORTH = ([1.0], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59 / 24, 37 / 24, -9 / 24])
+
+
+def _plan_pndm(host, combine="eps"):
+    """PLMS (Liu et al. 2022, pseudo linear multistep) with the ``skip_prk_steps`` start Stable Diffusion 1.x
+    ships, as diffusers' PNDMScheduler: DDIM's transfer x_{i+1} = an/a * x + (sn - an*s/a) * eps, with eps
+    an Adams-Bashforth combination of the last (up to 4) model outputs. The first step of a run of two or
+    more is a Heun step (a second call at the next level, the two averaged), which costs one call more.
+
+    ``combine``: what the multistep history holds: ``"eps"`` (the method's own), or ``"v"`` (diffusers
+    combines the model's raw outputs, so a v-prediction model's v, converted to eps after the combination).
+    """
+    _check_choice("combine", combine, ("eps", "v"))
+    a, s = host.alphas, host.sigmas
+    n = host.steps
+    if not (s[:-1] > 0).all():
+        raise ValueError("pndm needs a grid with noise at every level but the last (a VP grid)")
+    norm = a**2 + s**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        qx = np.where(s > 0, (a if combine == "v" else 1.0) / s, 0.0)  # the history's quantity q from x and D
+        qd = np.where(s > 0, -(norm if combine == "v" else a) / s, 0.0)
+        cx = a[1:] / a[:-1]
+    ce = s[1:] - a[1:] * s[:-1] / a[:-1]  # eps's coefficient in DDIM's transfer
+    if combine == "v":  # eps = (a*v + s*x) / (a^2 + s^2) at the step's start
+        cx, ce = cx + ce * s[:-1] / norm[:-1], ce * a[:-1] / norm[:-1]
+    orders = [1] + [min(i + 1, 4) for i in range(1, n)]
+    m = np.zeros((n, 4))
+    for i, p in enumerate(orders):
+        m[i, :p] = ce[i] * np.array(_ADAMS_BASHFORTH[p - 1])
+    second = [i == 0 and n > 1 for i in range(n)]
+    return {"qx": qx, "qd": qd, "x": cx, "m": m}, {"orders": orders, "second": second}
+
+
+def _loop_pndm(denoiser, x, plan, generator):
+    c, static = plan.coefs, plan.static
+    history = []
+    for i in range(plan.levels.steps):
+        q = c["qx"][i] * x + c["qd"][i] * plan.denoise(denoiser, x, i)
+        history = [q] + history[:3]
+        step = _combine(x, c["x"][i], c["m"][i], history[: static["orders"][i]])
+        if static["second"][i]:  # Heun's correction: the next level's output averaged in (not kept in history)
+            q_next = c["qx"][i + 1] * step + c["qd"][i + 1] * plan.denoise(denoiser, step, i + 1)
+            step = _combine(x, c["x"][i], c["m"][i], [0.5 * (q + q_next)])
+        x = step
+    return x
+
+
+register("pndm", _plan_pndm, _loop_pndm, flow=False,
+         summary="PNDM/PLMS (SD 1.x's scheduler), 4th order multistep, Heun start")
+
 # ------------------------------------------------------------------------------------------- UniPC
 
 

@@ -20,12 +20,9 @@ class Sampler:
     loop: Callable[..., Any]  # (denoiser, x, plan, generator) -> x
     stochastic: bool
     summary: str
-
-    @property
-    def suits_flow(self) -> bool:
-        """Deterministic solvers of the probability-flow ODE work on any grid, flow-matching ones included;
-        the stochastic ones here are written for VP/consistency models."""
-        return not self.stochastic
+    # valid on flow-matching grids (which start at alpha 0): the deterministic solvers of the probability-flow
+    # ODE, but for those written in VP terms (PNDM's DDIM transfer divides by alpha); not the stochastic ones
+    suits_flow: bool = True
 
     def options(self) -> list[str]:
         params = inspect.signature(self.plan).parameters
@@ -35,8 +32,9 @@ class Sampler:
 _REGISTRY: dict[str, Sampler] = {}
 
 
-def register(name: str, plan, loop, *, stochastic: bool = False, summary: str = "") -> None:
-    _REGISTRY[name] = Sampler(name, plan, loop, stochastic, summary)
+def register(name: str, plan, loop, *, stochastic: bool = False, summary: str = "", flow: bool | None = None) -> None:
+    """``flow``: whether it runs on flow-matching grids (default: when it draws no noise)."""
+    _REGISTRY[name] = Sampler(name, plan, loop, stochastic, summary, not stochastic if flow is None else flow)
 
 
 def available() -> list[str]:

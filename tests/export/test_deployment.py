@@ -92,18 +92,38 @@ def test_consistency_grids_are_tabulated_for_every_step_count():
 
     components = diffrt.load("fashion-lcm", device="cpu").components
     record = deployment.scheduler_record(components)
-    saved = deployment.SavedScheduler(record["class"], record["config"], record["alphas_cumprod"], record["grids"])
+    saved = deployment.SavedScheduler(record["class"], record["config"], record["alphas_cumprod"], record["grids"],
+                                      record["sampler"])  # fmt: skip
     assert torch.equal(saved.alphas_cumprod, components.scheduler.alphas_cumprod)
     limit = components.scheduler.config.original_inference_steps
     assert sorted(int(k) for k in record["grids"]) == list(range(1, limit + 1))
     for steps in (1, 2, 4, 7, limit):
-        _, expected, _ = samplers.from_diffusers(components.scheduler, steps)
-        grid = saved.tabulated_grid(steps, {})
+        expected = samplers.from_diffusers(components.scheduler, steps)
+        name, grid, options = saved.tabulated(steps)
+        assert (name, options) == (expected[0], expected[2]) == ("lcm", {})
         for field in ("alphas", "sigmas", "timesteps"):
-            assert torch.equal(getattr(grid, field), getattr(expected, field)), (steps, field)
-        assert (grid.init_scale, grid.kind) == (expected.init_scale, expected.kind)
-    with pytest.raises(ValueError, match=f"steps must be one of 1..{limit} for this deployed model, got 51"):
-        saved.tabulated_grid(51, {})
+            assert torch.equal(getattr(grid, field), getattr(expected[1], field)), (steps, field)
+        assert (grid.init_scale, grid.kind) == (expected[1].init_scale, expected[1].kind)
+    assert saved.tabulated(limit + 1) is None  # not tabulated: from_diffusers rebuilds the scheduler
+
+
+def test_a_plain_folder_deploys_with_its_schedulers_sampling(tmp_path):
+    """A published-style folder (no diffrt.json) samples with its own scheduler by default; its deployment
+    keeps that (the sampler and grids from_diffusers gave, JSON options included) and runs without diffusers."""
+    from diffrt.export import export_onnx
+    from tests.pipeline.plain_folders import build
+
+    folder = build("sd-dpmpp-2m-karras", tmp_path / "plain")
+    ours = diffrt.load(folder, device="cpu")
+    export_onnx(ours, tmp_path / "deployed", precision="fp32")
+    record = json.loads((tmp_path / "deployed" / "deployment.json").read_text())
+    assert record["defaults"]["sampler"] == "scheduler" and record["scheduler"]["sampler"]["name"] == "dpmpp_2m"
+    assert len(record["scheduler"]["grids"]) == deployment.TABULATED_STEPS
+    out = tmp_path / "images.npy"
+    proc = subprocess.run([sys.executable, "-c", RUN_ALONE.format(prompts=PROMPTS), str(tmp_path / "deployed"),
+                           str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.abs(np.load(out) - ours(PROMPTS, **KW)).max() <= 1 / 255
 
 
 def _flip_a_byte(path):

@@ -16,6 +16,17 @@ def test_generate_writes_a_grid_png_and_prints_stage_times(tmp_path, capsys):
     printed = capsys.readouterr().out
     for stage in ("text encoding", "denoising", "vae decode", "total", "seeds [0, 1, 2, 3]"):
         assert stage in printed
+    assert "sampler dpmpp_2m, 3 steps, guidance 5 (from the call)" in printed
+
+
+def test_generate_says_where_the_defaults_came_from(tmp_path, capsys):
+    from .plain_folders import build
+
+    folder = build("sd15-pndm", tmp_path / "sd15")
+    code = main(["generate", "a coat", "--model", str(folder), "--steps", "3", "-o", str(tmp_path / "o.png")])
+    assert code == 0
+    assert ("sampler pndm (from the folder's PNDMScheduler); 3 steps (from the call); guidance 7.5 (from the "
+            "folder's StableDiffusionPipeline)") in capsys.readouterr().out  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -43,3 +54,4 @@ def test_samplers_lists_every_sampler(capsys):
     assert main(["samplers"]) == 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in available())
+    assert "scheduler" in printed

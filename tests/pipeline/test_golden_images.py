@@ -100,13 +100,15 @@ def cases(root: Path) -> dict:
     out["tiny/guidance-off"] = ("tiny", 64, dict(seed=SEEDS, guidance=1.0, sampler="unipc", steps=5))
     out["tiny/ancestral"] = ("tiny", 64, dict(seed=SEEDS, sampler="dpmpp_2m_sde", steps=4))
     out["fashion/scheduler"] = ("fashion", 32, dict(seed=SEEDS, steps=6, scheduler="dpm_karras"))
-    sdxl = str(_tiny_sdxl_folder(root))
+    # these folders have no diffrt.json: since issue 33 they default to their own scheduler and their pipeline's
+    # guidance, so the settings they were recorded with (diffrt's built-in defaults then) are named here
+    sdxl, then = str(_tiny_sdxl_folder(root)), dict(seed=SEEDS, sampler="dpmpp_2m")
     out["tiny-sdxl/txt2img"] = (sdxl, 64, dict(seed=SEEDS, steps=3, sampler="euler", guidance=5.0))
-    out["tiny-sdxl/negative"] = (sdxl, 64, dict(seed=SEEDS, steps=3, negative_prompt="blurry", guidance=5.0))
-    out["tiny-sdxl/img2img"] = (sdxl, 64, dict(seed=SEEDS, steps=4, image=_picture(64, 3), strength=0.5))
+    out["tiny-sdxl/negative"] = (sdxl, 64, dict(then, steps=3, negative_prompt="blurry", guidance=5.0))
+    out["tiny-sdxl/img2img"] = (sdxl, 64, dict(then, steps=4, image=_picture(64, 3), strength=0.5, guidance=7.5))
     inpaint = str(_inpainting_folder(root))
-    out["tiny-inpaint9/inpaint"] = (inpaint, 64, dict(seed=SEEDS, steps=3, image=_picture(64, 4),
-                                                      mask_image=_mask(64), guidance=3.0))  # fmt: skip
+    out["tiny-inpaint9/inpaint"] = (inpaint, 64, dict(then, steps=3, image=_picture(64, 4), mask_image=_mask(64),
+                                                      guidance=3.0))  # fmt: skip
     return out
 
 

@@ -52,6 +52,12 @@ CASES = [
     ("unipc-bh1", lambda: _unipc(solver_type="bh1", final_sigmas_type="sigma_min"), {}),
     ("unipc-bh1-order3", lambda: _unipc(solver_type="bh1", solver_order=3, final_sigmas_type="sigma_min"), {}),
     ("lcm", lambda: diffusers.LCMScheduler(**SD), {}),
+    # SD 1.x's own scheduler (its scheduler_config.json), and v-prediction (diffusers combines raw v outputs)
+    ("pndm-sd15", lambda: diffusers.PNDMScheduler(**SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
+     {}),
+    ("pndm-v-alpha-one", lambda: diffusers.PNDMScheduler(**SD, skip_prk_steps=True, prediction_type="v_prediction",
+                                                          set_alpha_to_one=True), {}),
+    ("pndm-trailing", lambda: diffusers.PNDMScheduler(**SD, skip_prk_steps=True, timestep_spacing="trailing"), {}),
     ("flow-euler", lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), {}),
 ]
 
@@ -121,6 +127,11 @@ def test_from_diffusers_leaves_scheduler_untouched():
         (lambda: diffusers.DDPMScheduler(**SD, clip_sample=False, variance_type="fixed_large"), "variance_type"),
         (lambda: diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), "stochastic_sampling"),
         (lambda: diffusers.DDIMScheduler(**SD, clip_sample=False, timestep_spacing="trailing"), "timestep_spacing"),
+        # PNDM steps to t - 1000 // n, which linspace's timesteps are not: diffusers then calls the model at
+        # another level than the one it stepped to
+        (lambda: diffusers.PNDMScheduler(**SD, skip_prk_steps=True, timestep_spacing="linspace"), "timestep_spacing"),
+        (lambda: diffusers.PNDMScheduler(**SD), "skip_prk_steps"),  # the Runge-Kutta start is not built
+        (lambda: diffusers.PNDMScheduler(**SD, skip_prk_steps=True, prediction_type="sample"), "prediction_type"),
     ],
 )
 def test_unsupported_configuration_names_the_option(make, option):
@@ -131,4 +142,4 @@ def test_unsupported_configuration_names_the_option(make, option):
 
 def test_unsupported_scheduler_lists_supported():
     with pytest.raises(ValueError, match="DPMSolverMultistepScheduler"):
-        from_diffusers(diffusers.PNDMScheduler(), 4)
+        from_diffusers(diffusers.DEISMultistepScheduler(), 4)
