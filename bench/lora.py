@@ -137,31 +137,36 @@ def _images(pipe, args, options):
                                                                          batch_size=50, **options)])  # fmt: skip
 
 
-def random_loras(model: str, rank: int, folder: Path, device: str) -> list[Path]:
-    """Two random rank-``rank`` LoRAs (diffusers/PEFT keys) on every attention projection of ``model``'s
-    denoiser: what a switch costs at that model's size, without a file to hand."""
+def random_loras(model: str, rank: int, folder: Path, device: str, *, components=None, layers: str = "attention",
+                 count: int = 2) -> list[Path]:  # fmt: skip
+    """``count`` random rank-``rank`` LoRAs (diffusers/PEFT keys) on every attention projection (``layers=
+    "attention"``) or every linear layer (``"linear"``) of ``model``'s denoiser: what a switch costs at that
+    model's size, without a file to hand. ``components``: the loaded model, when there is one."""
     import torch
     from safetensors.torch import save_file
 
     from .. import families, presets
     from ..loading import load_components
 
-    if model in presets.PRESETS:  # only the layer shapes are needed: built on the meta device, nothing allocated
-        denoiser = presets.build_modules(presets.PRESETS[model], device="meta")[0]
-        part = families.get(presets.PRESETS[model].family).denoiser_part
+    if components is not None:
+        part, denoiser = components.denoiser_name, components.denoiser
+    elif presets.is_preset(model):  # only the layer shapes are needed: built on the meta device, nothing allocated
+        preset = presets.resolve(model)
+        denoiser = presets.build_modules(preset, device="meta")[0]
+        part = families.get(preset.family).denoiser_part
     else:
         components = load_components(model, dtype=torch.float32, device="cpu")
         part, denoiser = components.denoiser_name, components.denoiser
-    projections = [(name, m) for name, m in denoiser.named_modules()
-                   if name.endswith(ATTENTION_PROJECTIONS) and isinstance(m, torch.nn.Linear)]  # fmt: skip
+    targets = [(name, m) for name, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)
+               and (layers == "linear" or name.endswith(ATTENTION_PROJECTIONS))]  # fmt: skip
     paths = []
-    for seed in (0, 1):
+    for seed in range(count):
         generator = torch.Generator().manual_seed(seed)
         tensors = {}
-        for name, module in projections:
+        for name, module in targets:
             tensors[f"{part}.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) / 8
             tensors[f"{part}.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) / 64
-        paths.append(folder / f"random-rank{rank}-{seed}.safetensors")
+        paths.append(folder / f"random-{layers}-rank{rank}-{seed}.safetensors")
         save_file(tensors, str(paths[-1]))
     return paths
 

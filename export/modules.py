@@ -24,11 +24,23 @@ def graph_module(components, name: str, precision: str | None = None) -> nn.Modu
     # eager attention is plain ops, with the softmax in float32
     eager = name.startswith("text_encoder") and precision not in (None, "fp32")
     if eager or (precision is not None and next(source.parameters()).dtype != TORCH_DTYPES[precision]):
-        # nn.Module.to, not diffusers' override: that one warns about casting instead of reloading
-        source = nn.Module.to(copy.deepcopy(source), TORCH_DTYPES[precision])
+        source = converted_copy(source, TORCH_DTYPES[precision])
         if eager:
             source.set_attn_implementation("eager")
     return family.wrap_graph(components, name, source)
+
+
+def converted_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` whose floating-point parameters and buffers are in ``dtype`` (what nn.Module.to
+    converts), made tensor by tensor: deepcopy-then-convert would hold a second full-precision copy first."""
+    memo = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point() and id(tensor) not in memo:
+            converted = tensor.detach().to(dtype)
+            if isinstance(tensor, nn.Parameter):
+                converted = nn.Parameter(converted, requires_grad=tensor.requires_grad)
+            memo[id(tensor)] = converted
+    return copy.deepcopy(module, memo)
 
 
 @torch.inference_mode()

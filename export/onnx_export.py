@@ -31,9 +31,9 @@ import torch
 
 from .. import artifacts, families
 from ..artifacts import file_record
-from ..backends.onnxruntime_backend import ort_session, session_options  # noqa: F401  (session_options: earlier home)
+from ..backends.onnxruntime_backend import ort_session, session_options
 from ..families.base import PositionalGraph
-from . import cache
+from . import cache, external_data
 from .modules import graph_module, run_module
 from .onnx_ops import torchscript_symbolics
 from .specs import (
@@ -57,8 +57,11 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 OPSET_RANGE = {"torchscript": (14, 20), "dynamo": (18, 23)}  # 14: first with attention; 18: dynamo's minimum
 PARITY_BOUNDS = {"fp32": 1e-4, "fp16": 2e-2}  # max |onnx - torch fp32| / max |torch fp32| per output
+# What an exporter holds on top of the loaded model, per byte of the graph's weights (a 2.2 GB graph on this
+# CPU, tests/export: TorchScript 2.0, it builds the whole ONNX protobuf in memory and then its serialized bytes;
+# dynamo 0.1, it writes each tensor straight from torch). An fp16 export of fp32 weights adds its fp16 copy.
+EXPORTER_MEMORY = {"torchscript": 2.0, "dynamo": 0.1}
 FP32_OPS = ("Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization")
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit: bigger graphs keep their weights in NAME.onnx.data
 VERSION_PACKAGES = ("torch", "onnx", "diffusers", "transformers")  # what the ONNX bytes depend on
 
 
@@ -103,6 +106,7 @@ def export_onnx(
     it alone."""
     components = getattr(pipe, "components", pipe)
     settings = OnnxSettings(precision, opset, default_exporter(components, exporter)).resolved()
+    settings = fitting_exporter(components, settings, graphs or graph_names(components), named=exporter is not None)
     ranges = (ranges or ShapeRanges()).resolved(components)
     manifest = _export_folder(components, Path(out_dir), settings, graphs, ranges, artifacts.model_hash(components),
                               force)  # fmt: skip
@@ -118,14 +122,52 @@ def ensure_onnx(
     """The cached export of ``components`` for these settings, exporting (or repairing) what is missing.
     Returns (folder, manifest)."""
     settings = OnnxSettings(precision, opset, default_exporter(components, exporter)).resolved()
+    wanted = graphs or graph_names(components)
+    settings = fitting_exporter(components, settings, wanted, named=exporter is not None)
     mhash = model_hash or artifacts.model_hash(components)
     folder = onnx_cache_folder(components, settings, mhash, cache_dir)
-    wanted = graphs or graph_names(components)
     manifest = cache.cached(folder, "onnx", _export_key(components, settings, mhash), wanted)
     if manifest is not None:
         return folder, manifest
     ranges = ShapeRanges().resolved(components)
     return folder, _export_folder(components, folder, settings, wanted, ranges, mhash, force=False)
+
+
+def export_memory(components, graph: str, settings: OnnxSettings) -> int:
+    """Bytes an export of ``graph`` needs on top of the loaded model (EXPORTER_MEMORY)."""
+    from ..graphspec import TORCH_DTYPES
+
+    source = families.of(components).graph_source(components, graph)
+    tensors = [*source.parameters(), *source.buffers()]
+    weights = sum(t.numel() * (TORCH_DTYPES[settings.precision].itemsize if t.is_floating_point() else t.itemsize)
+                  for t in tensors)  # fmt: skip
+    copy = weights if tensors and tensors[0].dtype != TORCH_DTYPES[settings.precision] else 0
+    return int(weights * EXPORTER_MEMORY[settings.exporter]) + copy
+
+
+def fitting_exporter(components, settings: OnnxSettings, graphs: list[str], named: bool) -> OnnxSettings:
+    """``settings``, once every graph's export fits in the memory this machine has available: with the default
+    TorchScript exporter too large for a graph, the dynamo exporter instead (a log line says so); an exporter
+    that was named, or dynamo, that does not fit is refused before anything is exported, with the numbers."""
+    from ..memory import available_bytes
+
+    graphs = [g for g in graphs if g in graph_names(components)]  # unknown names are refused by the export itself
+    if not graphs:
+        return settings
+    free, where = available_bytes(torch.device("cpu"))
+    largest = max(graphs, key=lambda g: export_memory(components, g, settings))
+    need = export_memory(components, largest, settings)
+    if need <= free:
+        return settings
+    if not named and settings.exporter == "torchscript":
+        dynamo = OnnxSettings(settings.precision, None, "dynamo").resolved()
+        if export_memory(components, largest, dynamo) <= free:
+            log.warning("exporting %s with the dynamo exporter: the TorchScript one would need %.1f GB for %s, %.1f "
+                        "GB is %s", components.name, need / 1e9, largest, free / 1e9, where)  # fmt: skip
+            return dynamo
+    raise ExportError(f"exporting {largest} of {components.name} with the {settings.exporter} exporter needs about "
+                      f"{need / 1e9:.1f} GB beside the loaded model, but {free / 1e9:.1f} GB is {where}: export "
+                      "fewer graphs at a time, in another precision, or on a machine with more memory")  # fmt: skip
 
 
 def onnx_cache_folder(components, settings: OnnxSettings, mhash: str, cache_dir=None) -> Path:
@@ -231,26 +273,37 @@ def _export_graph(components, spec, settings: OnnxSettings, folder: Path, ranges
 
 def _write_graph(components, spec, settings: OnnxSettings, path: Path, ranges: ShapeRanges, metadata: dict):
     """Trace ``spec``'s module into ``path`` (float32 islands for fp16, metadata); the data file's name or None."""
-    import onnx
-
     module = graph_module(components, spec.name, settings.precision)
-    device = next(module.parameters()).device
     m = pixel_multiple(components)
     trace_values = within_limits(spec, {"batch": 2, "height": 2 * m, "width": 3 * m, "sequence": ranges.sequence[1]})
-    generator = torch.Generator().manual_seed(0)
-    inputs = spec.sample_inputs(trace_values, settings.precision, generator=generator, device=device)
+    raw = trace_graph(module, spec, settings, path, trace_values)
+    del module  # an fp16 copy's memory back before the graph is rewritten
+    return finish_graph(raw, path, spec.name, settings, metadata)
+
+
+def trace_graph(module, spec, settings: OnnxSettings, path: Path, values: dict[str, int]) -> Path:
+    """The exporter's own file for ``module`` traced at shape ``values``, in ``path``'s folder under raw/ (its
+    weights beside it when the exporter keeps them apart)."""
+    device = next(module.parameters()).device
+    inputs = spec.sample_inputs(values, settings.precision, generator=torch.Generator().manual_seed(0), device=device)
     raw = path.parent / "raw" / path.name
-    raw.parent.mkdir()
+    raw.parent.mkdir(exist_ok=True)
     _run_exporter(module, spec, inputs, raw, settings)
-    del module
+    return raw
+
+
+def finish_graph(raw: Path, path: Path, name: str, settings: OnnxSettings, metadata: dict) -> str | None:
+    """``raw`` rewritten into ``path``: float32 islands for fp16, diffrt's metadata, the weights inside or in one
+    data file by their size (:mod:`diffrt.export.external_data`); the data file's name or None."""
+    import onnx
+
     model = onnx.load(str(raw), load_external_data=False)  # weights stay on disk while the graph is edited
     if settings.precision == "fp16":
         kept = keep_fp32(model, FP32_OPS)
-        log.info("%s: %d normalization/softmax nodes kept in float32", spec.name, kept)
-    for key, value in {"graph": spec.name, "precision": settings.precision, **metadata}.items():
+        log.info("%s: %d normalization/softmax nodes kept in float32", name, kept)
+    for key, value in {"graph": name, "precision": settings.precision, **metadata}.items():
         model.metadata_props.add(key=f"diffrt.{key}", value=value)
-    onnx.load_external_data_for_model(model, str(raw.parent))
-    return _save(model, path)
+    return external_data.save(model, path, raw.parent)
 
 
 def _describe(spec, precision: str, ranges: ShapeRanges) -> dict:
@@ -295,7 +348,7 @@ def _run_exporter(module, spec, inputs: dict, path: Path, settings: OnnxSettings
                                                 dynamo=True, optimize=True, verbose=False, **common)  # fmt: skip
                 finally:
                     registry.setLevel(level)
-                program.save(str(path))
+                program.save(str(path), external_data=True)  # read back without loading the weights
         except ExportError:
             raise
         except Exception as err:  # the exporters raise many types; say which graph failed and why
@@ -316,19 +369,6 @@ def _dynamo_shapes(spec) -> dict:
                 axes[i] = bases[d.var] * step if step > 1 else bases[d.var]
         shapes[t.name] = axes
     return shapes
-
-
-def _save(model, path: Path) -> str | None:
-    """Save ``model``; weights go to one ``NAME.onnx.data`` file when protobuf could not hold them."""
-    import onnx
-
-    if model.ByteSize() < EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path))
-        return None
-    data_name = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
-                    size_threshold=1024)  # fmt: skip
-    return data_name
 
 
 def keep_fp32(model, op_types=FP32_OPS) -> int:
@@ -399,7 +439,11 @@ def _parity_values(components, ranges: ShapeRanges) -> list[dict[str, int]]:
 def measure_parity(components, spec, path, precision: str, shape_sets: list[dict[str, int]], seed: int = 1) -> dict:
     """Max relative error (max |onnx - torch| / max |torch|, per output) of the ONNX graph at ``path``,
     run on the CPU execution provider, against the float32 torch module, on fresh random inputs."""
-    session = ort_session(path)
+    options = session_options()
+    # prepacking copies every weight while the session loads (2x the graph's weights at peak); without it the
+    # weights are mapped from the file: what keeps an export's parity check within the memory of the export
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort_session(path, options=options)
     reference = graph_module(components, spec.name, "fp32")
     device = next(reference.parameters()).device
     generator = torch.Generator().manual_seed(seed)

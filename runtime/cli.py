@@ -29,6 +29,7 @@ def _add_bench(subparsers) -> None:
     from .bench import kernels as bench_kernels
     from .bench import latency as bench_latency
     from .bench import lora as bench_lora
+    from .bench import realsize as bench_realsize
     from .bench import report as bench_report
     from .bench import samplers as bench_samplers
     from .bench import serve as bench_serve
@@ -48,6 +49,7 @@ def _add_bench(subparsers) -> None:
         (bench_serve, "serve", "load scenarios against diffrt serve endpoints: SingleStream, Offline, Server", FILE),
         (bench_coldstart, "coldstart", "fresh process to first image: per backend, caches cold and warm", FILE),
         (bench_gpu, "gpu", "every GPU check and measurement in one time-boxed run (a dry run without CUDA)", FOLDER),
+        (bench_realsize, "realsize", "every path on the published architectures: pass/fail, time, peak memory", FILE),
     )
     for module, name, help_text, out_kind in commands:
         parser = kinds.add_parser(name, help=help_text)

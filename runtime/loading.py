@@ -26,7 +26,7 @@ TEXT_ENCODER_CLASSES = tuple(dict.fromkeys(c for f in families.FAMILIES.values()
 
 def is_named(source) -> bool:
     """Whether ``source`` names an embedded model or a preset (names win over folders of that name)."""
-    return isinstance(source, str) and (source in embedded.NAMES or source in presets.PRESETS)
+    return isinstance(source, str) and (source in embedded.NAMES or presets.is_preset(source))
 
 
 def load_components(source: str | os.PathLike, dtype=None, device=None) -> Components:
@@ -34,7 +34,7 @@ def load_components(source: str | os.PathLike, dtype=None, device=None) -> Compo
     embedded models). Presets are built on ``device`` (their random weights need no host copy)."""
     if isinstance(source, str) and source in embedded.NAMES:
         return embedded.load(source, dtype)
-    if isinstance(source, str) and source in presets.PRESETS:
+    if presets.is_preset(source):
         return presets.load(source, dtype, device)
     path = Path(source)
     if not path.exists():

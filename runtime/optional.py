@@ -13,6 +13,7 @@ EXTRAS = {
     "onnxscript": "diffrt[onnx]",
     "matplotlib": "diffrt[report]",
     "scipy": "diffrt[bench]",
+    "psutil": "diffrt[bench]",
     "triton": "diffrt[gpu]",
     "tensorrt": "diffrt[gpu]",
     "torch_fidelity": "torch-fidelity",

@@ -11,7 +11,7 @@ free on the device it is built on is refused, naming both numbers.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .components import Components
 
@@ -206,6 +206,65 @@ def names() -> list[str]:
     return sorted(PRESETS)
 
 
+# ------------------------------------------------------------------------------------ reduced-depth variants
+# ``NAME:blocks=N[,M][:text_blocks=K]``: the published widths, heads, head dims and text lengths with fewer
+# blocks, for the architectures that do not fit a 24 GB machine; the name says it in every output.
+_BLOCK_KEYS = {"sd3": {"num_layers": "joint blocks"},
+               "flux": {"num_layers": "double-stream blocks", "num_single_layers": "single-stream blocks"}}
+_TEXT_LAYERS = ("num_hidden_layers", "num_layers")  # CLIP's, T5's
+
+
+def is_preset(name) -> bool:
+    """Whether ``name`` names a preset or a reduced-depth variant of one (its options are checked at load)."""
+    return isinstance(name, str) and name.split(":", 1)[0] in PRESETS
+
+
+def resolve(name: str) -> Preset:
+    """The preset ``name``, or its reduced-depth variant: ``flux-dev:blocks=2,2`` (double-, single-stream
+    blocks), ``sd35-large:blocks=2``, ``...:text_blocks=2`` (layers of each text encoder, T5-XXL's included)."""
+    base, *options = name.split(":")
+    if base not in PRESETS:
+        raise ValueError(f"unknown preset {base!r}; presets: {', '.join(names())}")
+    preset = PRESETS[base]
+    if not options:
+        return preset
+    transformer, texts, notes = preset.transformer, list(preset.text_encoders), []
+    for option in options:
+        key, _, value = option.partition("=")
+        counts = _counts(name, key, value)
+        if key == "blocks":
+            keys = _BLOCK_KEYS.get(preset.family)
+            if keys is None or len(counts) != len(keys):
+                allowed = f"{len(keys)} count(s): {', '.join(keys.values())}" if keys else "none (it fits whole)"
+                raise ValueError(f"{name}: blocks= takes {allowed} for {base}")
+            transformer = {**transformer, **dict(zip(keys, counts, strict=True))}
+            notes.append(", ".join(f"{n} of {preset.transformer[k]} {label}"
+                                   for (k, label), n in zip(keys.items(), counts, strict=True)))  # fmt: skip
+        elif key == "text_blocks" and len(counts) == 1:
+            texts = [_fewer_layers(cfg, counts[0]) for cfg in texts]
+            notes.append(f"text encoders cut to {counts[0]} layers")
+        else:
+            raise ValueError(f"{name}: unknown preset option {option!r}; options: blocks=N[,M], text_blocks=K")
+    note = (f"REDUCED DEPTH ({'; '.join(notes)}): the published widths, heads, head dims and text lengths, not its "
+            f"compute or memory. {preset.notes}")  # fmt: skip
+    return replace(preset, name=name, transformer=transformer, text_encoders=texts, notes=note)
+
+
+def _counts(name: str, key: str, value: str) -> list[int]:
+    try:
+        counts = [int(v) for v in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise ValueError(f"{name}: {key} must be whole numbers >= 1 separated by commas, got {value!r}")
+    return counts
+
+
+def _fewer_layers(cfg: dict, layers: int) -> dict:
+    key = next(k for k in _TEXT_LAYERS if k in cfg)
+    return {**cfg, key: min(cfg[key], layers)}
+
+
 def _text_model(cfg: dict):
     """A random text encoder and its tokenizer from a preset's config: CLIP (with or without projection) or T5."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -309,14 +368,13 @@ def build_modules(preset: Preset, seed: int = 0, device=None, dtype=None):
 
 
 def load(preset: str | Preset, dtype=None, device=None) -> Components:
-    """A preset (by name, or a :class:`Preset` of one's own) as Components with seeded RANDOM weights (in
+    """A preset (by name, a reduced-depth variant's name, or a :class:`Preset` of one's own) as Components with
+    seeded RANDOM weights (in
     ``dtype`` when given), built on ``device`` (default the CPU) after checking that they fit there."""
     from . import defaults
 
     if not isinstance(preset, Preset):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(names())}")
-        preset = PRESETS[preset]
+        preset = resolve(preset)
     build_dtype = check_fits(preset, dtype, device or "cpu")
     log.warning("preset %r: %s", preset.name, preset.notes)
     denoiser, vae, encoders, tokenizers, scheduler = build_modules(preset, device=device, dtype=build_dtype)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from diffrt.export import ExportError, export_onnx, graph_specs, open_export
+from diffrt.export import ExportError, export_onnx, external_data, graph_specs, open_export
 from diffrt.export import onnx_export as ox
 from diffrt.export.modules import graph_module, run_module
 
@@ -129,7 +129,7 @@ def _save(model):
 
 
 def test_large_graphs_keep_their_weights_in_one_data_file(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 0)  # as if the graph were over protobuf's 2 GiB
+    monkeypatch.setattr(external_data, "LIMIT", 0)  # as if the graph were over protobuf's 2 GiB
     manifest = export_onnx(tiny, tmp_path, graphs=["vae_decoder"])
     record = manifest["graphs"]["vae_decoder"]
     assert record["data"]["file"] == "vae_decoder.onnx.data"
@@ -169,3 +169,61 @@ def test_the_dynamo_exporter_also_works(tiny, tmp_path):
     manifest = export_onnx(tiny, tmp_path, exporter="dynamo", graphs=["text_encoder"])
     assert manifest["exporter"] == "dynamo" and manifest["opset"] == 18
     assert manifest["graphs"]["text_encoder"]["parity"]["max_rel_error"] <= 1e-4
+
+
+class _Wide(torch.nn.Module):
+    """One linear layer of 2.2 GB of float32 weights: past protobuf's 2 GiB, as SD 1.5's U-Net in fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(16384, 34000, bias=True)
+        with torch.no_grad():
+            self.layer.weight.normal_(0, 16384**-0.5)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_graph_past_two_gib_is_written_with_its_weights_apart_and_runs(tmp_path, exporter):
+    """The size decision reads the initializers' bytes (ModelProto.ByteSize fails past 2 GiB, which is how SD
+    1.5's fp32 U-Net failed to export); both exporters' files are rewritten by streaming into one data file,
+    which the ONNX checker and ONNX Runtime read back."""
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the dynamo exporter needs onnxscript")
+    from diffrt.export.specs import Dim, GraphSpec, TensorSpec
+
+    module = _Wide().eval()
+    batch = Dim("batch")
+    spec = GraphSpec("wide", (TensorSpec("x", (batch, 16384)),), (TensorSpec("y", (batch, 34000)),))
+    settings = ox.OnnxSettings(exporter=exporter).resolved()
+    path = tmp_path / "wide.onnx"
+    raw = ox.trace_graph(module, spec, settings, path, {"batch": 2})
+    data_name = ox.finish_graph(raw, path, "wide", settings, {})
+    assert data_name == "wide.onnx.data"
+    assert path.stat().st_size < 1_000_000 and (tmp_path / data_name).stat().st_size >= 16384 * 34000 * 4
+    onnx.checker.check_model(str(path))
+    x = torch.randn(3, 16384, generator=torch.Generator().manual_seed(0))
+    y = ox.ort_session(path).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        expected = module(x).numpy()
+    assert np.abs(y - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_an_export_that_would_not_fit_takes_the_lean_exporter_or_is_refused(tiny, monkeypatch):
+    """TorchScript holds about twice a graph's weights beside the model, dynamo about a tenth: with the memory
+    for dynamo only, the default exporter gives way; a named one, or too little for either, is refused first."""
+    from diffrt import memory
+
+    components = tiny.components
+    settings = ox.OnnxSettings().resolved()
+    unet = ox.export_memory(components, "unet", settings)
+    lean = ox.export_memory(components, "unet", ox.OnnxSettings(exporter="dynamo").resolved())
+    assert 0 < lean < unet
+    monkeypatch.setattr(memory, "available_bytes", lambda device: ((lean + unet) // 2, "free here"))
+    assert ox.fitting_exporter(components, settings, ["unet"], named=False).exporter == "dynamo"
+    with pytest.raises(ExportError, match=r"exporting unet of tiny with the torchscript exporter needs about .* GB"):
+        ox.fitting_exporter(components, settings, ["unet"], named=True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (lean // 2, "free here"))
+    with pytest.raises(ExportError, match="free here"):
+        export_onnx(tiny, "/nonexistent/never-written", graphs=["unet"])
