@@ -4,7 +4,8 @@ machine: pass or fail, wall time and peak memory per (model, path).
 Each path runs in a fresh process (``python -m diffrt.bench.realsize_child``), one at a time, under a time limit;
 the peak memory is the largest resident set of that process and its children (``diffrt serve``'s Ray workers),
 sampled every half second. A path that needs another's output (the ONNX Runtime call needs the export and the
-torch call's images, the warm AOT load needs the package) is skipped, saying why, when that one failed. The
+torch call's images, the warm AOT load needs the package) is skipped, saying why, when that one failed in the
+same run; run alone, it reads that output from ``--work``. The
 paths:
 
 - ``load``; ``step`` (one denoiser call at the model's size, guidance as its defaults); ``call`` (text encoding,
@@ -59,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per path (default 3600)")
     parser.add_argument("--work", default=None, help="folder for exports and packages (default: a temporary one)")
     parser.add_argument("--out", default="realsize.json", help="JSON result file (rewritten after every path)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the rows already in --out and replace only "
+        "those run now (each row says when and at what size it was measured)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -149,8 +156,8 @@ def skip_reason(path: str, model: str, rows: dict) -> str | None:
     family = presets.resolve(model).family
     if path == "controlnet" and family not in CONTROLNET_FAMILIES:
         return f"diffrt runs ControlNets on U-Nets, not on {family} transformers yet"
-    for needed in NEEDS.get(path, ()):
-        if rows.get(needed, {}).get("status") != "pass":
+    for needed in NEEDS.get(path, ()):  # a path not in this run: its output is looked for in the work folder
+        if needed in rows and rows[needed]["status"] != "pass":
             return f"needs {needed}, which did not pass"
     return None
 
@@ -169,24 +176,58 @@ def run(args) -> int:
     if args.steps < 1 or args.timeout <= 0:
         raise ValueError(f"need --steps >= 1 and --timeout > 0, got {args.steps}, {args.timeout}")
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="diffrt-realsize-"))
-    results = {}
+    results = earlier_rows(args.out) if args.update else {}
+    for model in models:
+        if results.get(model, {"size": _size(model, args)})["size"] != _size(model, args):
+            raise ValueError(
+                f"--update: {args.out} holds {model} at {results[model]['size']}px, not "
+                f"{_size(model, args)}px: write this size to another --out"
+            )
     settings_all = {"models": models, "paths": paths, "steps": args.steps, "dtype": args.dtype,
                     "timeout_s": args.timeout}  # fmt: skip
     for model in models:
-        size = args.size or MODELS.get(model, {}).get("size") or presets.resolve(model).default_size
+        size = _size(model, args)
         settings = {"size": size, "dtype": args.dtype, "steps": args.steps, "prompt": "a red sneaker on a table"}
         work = root / model.replace(":", "_").replace(",", "-").replace("=", "")
         work.mkdir(parents=True, exist_ok=True)
         rows = results.setdefault(model, {"size": size, "paths": {}})["paths"]
+        fresh: dict = {}  # this run's rows: a prerequisite is judged by them, not by an earlier run's
         for path in paths:
-            reason = skip_reason(path, model, rows)
-            rows[path] = {"status": "skip", "why": reason} if reason else run_path(path, model, work, settings,
-                                                                                  args.timeout)  # fmt: skip
+            reason = skip_reason(path, model, fresh)
+            row = {"status": "skip", "why": reason} if reason else run_path(path, model, work, settings, args.timeout)
+            rows[path] = fresh[path] = {**row, "size": size, "measured_utc": _now()}
             print(f"{model:40s} {path:18s} {_cell(rows[path])}", flush=True)
             write_result(args.out, "realsize", settings_all, {"models": results})
     print(table({"models": results}))
     print(f"wrote {write_result(args.out, 'realsize', settings_all, {'models': results})}")
     return 0
+
+
+def _size(model: str, args) -> int:
+    from .. import presets
+
+    return args.size or MODELS.get(model, {}).get("size") or presets.resolve(model).default_size
+
+
+def earlier_rows(out) -> dict:
+    """The models and rows of an earlier result file (none when there is no file yet)."""
+    from ..results import read_result
+
+    if not Path(out).is_file():
+        return {}
+    record = read_result(out, kinds=("realsize",))
+    models = record["metrics"].get("models")
+    if not isinstance(models, dict):
+        raise ValueError(f"{out}: metrics.models must be a JSON object of models")
+    for model in models.values():
+        for row in model["paths"].values():  # rows of files written before rows were stamped
+            row.setdefault("size", model["size"])
+            row.setdefault("measured_utc", record["env"].get("date_utc"))
+    return models
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _cell(row: dict) -> str:
@@ -212,6 +253,8 @@ def table(metrics: dict) -> str:
                 cells.append(f"skip: {row['why']}")
             else:
                 mark = "pass" if row["status"] == "pass" else "**fail**"
-                cells.append(f"{mark}, {row['wall_s']:.0f} s, {row['peak_rss_gb']:.1f} GB")
+                other_size = row.get("size", metrics["models"][model]["size"]) != metrics["models"][model]["size"]
+                at = f" at {row['size']}px" if other_size else ""
+                cells.append(f"{mark}{at}, {row['wall_s']:.0f} s, {row['peak_rss_gb']:.1f} GB")
         rows.append(f"| {path} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

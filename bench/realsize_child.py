@@ -86,9 +86,8 @@ def onnxruntime(precision: str):
         folder = work / f"onnx-{precision}"
         if json.loads((folder / "manifest.json").read_text()).get("deployment"):
             pipe, seconds = _load(str(folder), {**settings, "dtype": None}, backend="onnxruntime")
-        else:  # transformer families: the graphs with the model beside them
-            dtype = "float16" if precision == "fp16" else "float32"
-            pipe, seconds = _load(model, {**settings, "dtype": dtype}, backend="onnxruntime", onnx_dir=str(folder))
+        else:  # transformer families: the graphs with the model beside them (loaded as they were exported)
+            pipe, seconds = _load(model, settings, backend="onnxruntime", onnx_dir=str(folder), precision=precision)
         result = _call(pipe, settings)
         reference = np.load(work / "torch-call.npy")
         difference = float(np.abs(result.images - reference).max())

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import deployment
-from ..artifacts import MANIFEST, locked, read_manifest, verify_graph
+from ..artifacts import MANIFEST, locked, read_manifest, valid_manifest, verify_graph
 from ..files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def cached(folder: Path, kind: str, key: str, graphs: list[str]) -> dict | None:
     """The manifest when ``folder`` holds every graph of ``graphs`` under ``key`` with intact files, else None."""
-    manifest = read_manifest(folder)
+    manifest = valid_manifest(folder, kind)
     if manifest is None or manifest.get("key") != key:
         return None
     if all(g in manifest["graphs"] and not verify_graph(folder, kind, manifest["graphs"][g]) for g in graphs):
@@ -35,7 +35,7 @@ def fill(folder: Path, kind: str, key: str, graphs: list[str], *, what: str, new
     """Make every graph of ``graphs`` that ``folder`` lacks (or holds damaged, or ``force``) with ``make(graph)``
     -> its manifest record; returns the manifest."""
     with locked(folder, what):
-        manifest = read_manifest(folder)
+        manifest = valid_manifest(folder, kind)
         if manifest is None or manifest.get("key") != key:
             manifest = new_manifest()
         for graph in graphs:

@@ -298,6 +298,9 @@ def finish_graph(raw: Path, path: Path, name: str, settings: OnnxSettings, metad
     import onnx
 
     model = onnx.load(str(raw), load_external_data=False)  # weights stay on disk while the graph is edited
+    promoted = promote_mixed_concats(model)
+    if promoted:
+        log.info("%s: %d concatenations of float16 and float32 inputs cast to float32", name, promoted)
     if settings.precision == "fp16":
         kept = keep_fp32(model, FP32_OPS)
         log.info("%s: %d normalization/softmax nodes kept in float32", name, kept)
@@ -398,6 +401,33 @@ def keep_fp32(model, op_types=FP32_OPS) -> int:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return wrapped
+
+
+def promote_mixed_concats(model) -> int:
+    """Cast the float16 inputs of a Concat that also takes float32 ones to float32, as torch promotes them: the
+    dynamo exporter writes such a Concat as it is (SDXL's added-condition embedding in float16: float16 text
+    embeddings and float32 time embeddings), which ONNX Runtime refuses to load. Returns how many it mended."""
+    from onnx import TensorProto, helper
+
+    types = elem_types(model)
+    nodes, outputs = [], set()
+    for node in model.graph.node:
+        if node.op_type == "Concat" and {types.get(n) for n in node.input} == {TensorProto.FLOAT16, TensorProto.FLOAT}:
+            tag = node.name or f"Concat_{len(outputs)}"
+            for i, name in enumerate(node.input):
+                if types.get(name) == TensorProto.FLOAT16:
+                    up = f"{name}/fp32/{tag}/{i}"
+                    nodes.append(helper.make_node("Cast", [name], [up], to=TensorProto.FLOAT, name=f"{tag}/up_{i}"))
+                    node.input[i] = up
+            outputs.update(node.output)
+        nodes.append(node)
+    if outputs:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        for value in model.graph.value_info:  # the mended outputs are float32 now
+            if value.name in outputs:
+                value.type.tensor_type.elem_type = TensorProto.FLOAT
+    return len(outputs)
 
 
 def elem_types(model) -> dict[str, int]:

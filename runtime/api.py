@@ -28,7 +28,7 @@ def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precisi
     if dtype is None and not is_named(source) and deployment.is_deployment(source):
         dtype = deployment.precision_dtype(source)  # a deployed export runs at its own precision
     device, dtype = resolve_device_dtype(device, dtype)
-    _check_backend(backend, backend_options)  # before any heavy loading
+    check_backend(backend, backend_options)  # before any heavy loading
     if vae_precision not in VAE_PRECISIONS:
         raise ValueError(f"vae_precision must be one of {VAE_PRECISIONS}, got {vae_precision!r}")
     components = load_components(source, dtype=dtype, device=device)
@@ -45,7 +45,7 @@ def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precisi
 
 def create_backend(name: str, components, device, dtype, **options):
     """Backend ``name`` for loaded ``components``, with what it needs from the export and kernel layers."""
-    module = _check_backend(name, options)
+    module = check_backend(name, options)
     artifact_options = {k: v for k, v in options.items() if k in getattr(module, "ARTIFACT_OPTIONS", ())}
     options = {k: v for k, v in options.items() if k in module.OPTIONS}
     if components.deployed:  # its own folder, verified at load: nothing to export, diffusers never imported
@@ -67,7 +67,7 @@ def create_backend(name: str, components, device, dtype, **options):
     return backends.create(name, components, device, dtype, **options)
 
 
-def _check_backend(name: str, options: dict):
+def check_backend(name: str, options: dict):
     """The backend's module, once it is known to run here and to take ``options``."""
     module = backends.module(name)
     ok, reason = module.is_available()

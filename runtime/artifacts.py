@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from .files import TEMP_PREFIX
+from .checks import fields
+from .files import clean_leftovers, temp_prefix
 from .fingerprint import weights_digest
 from .version import __version__
 
@@ -129,7 +130,7 @@ def move_into_place(source: str | os.PathLike, target: str | os.PathLike) -> Non
 @contextlib.contextmanager
 def scratch_dir(parent: Path) -> Iterator[Path]:
     """A temporary folder inside ``parent`` (same file system, so renames out of it are atomic)."""
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=TEMP_PREFIX))
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=temp_prefix()))
     try:
         yield path
     finally:
@@ -155,11 +156,7 @@ def locked(folder: Path, what: str, timeout: float = 6 * 3600) -> Iterator[None]
             raise TimeoutError(f"gave up waiting {timeout:.0f} s for the lock on {folder}") from err
         log.info("lock on %s acquired after %.1f s", folder, time.monotonic() - start)
     try:
-        for leftover in folder.glob(TEMP_PREFIX + "*"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+        clean_leftovers(folder)
         yield
     finally:
         lock.release()
@@ -177,6 +174,44 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
         log.warning("ignoring unreadable %s: %s", path, err)
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+FILE_RECORD = {"file": str, "sha256": str, "bytes": int}
+# "key" (the cache's) is absent from folders written by hand or by older exports: readers that need it ask for it
+MANIFEST_FIELDS = {"kind": str, "key": (str, type(None)), "precision": str, "model": dict, "graphs": dict}
+
+
+def check_manifest(manifest: dict, kind: str, where) -> None:
+    """A manifest's fields that readers use, each of its JSON type, with the file and the field named; a file
+    record's name a plain name in the folder (no path that leaves it)."""
+    try:
+        fields(manifest, MANIFEST_FIELDS, str(where))
+        fields(manifest["model"], {"hash": str, "name": (str, type(None))}, f"{where}: model")
+        for graph, record in manifest["graphs"].items():
+            fields(record, {"engine": dict} if kind == "tensorrt" else {"onnx": dict, "data": (dict, type(None))},
+                   f"{where}: graphs.{graph}")  # fmt: skip
+            for name, file in zip(("engine", "onnx", "data"), (record.get("engine"), record.get("onnx"),
+                                                               record.get("data")), strict=True):  # fmt: skip
+                if file is not None:
+                    fields(file, FILE_RECORD, f"{where}: graphs.{graph}.{name}")
+                    if Path(file["file"]).name != file["file"]:
+                        raise ValueError(f"{where}: graphs.{graph}.{name}.file {file['file']!r} is not a file name")
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
+
+
+def valid_manifest(folder, kind: str) -> dict | None:
+    """The folder's manifest of ``kind`` with every field a reader uses well-formed, or None (a warning says
+    what is wrong): a writer then starts a fresh one."""
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("kind") != kind:
+        return None
+    try:
+        check_manifest(manifest, kind, Path(folder) / MANIFEST)
+    except ArtifactError as err:
+        log.warning("ignoring a malformed manifest: %s", err)
+        return None
+    return manifest
 
 
 def file_record(path: Path) -> dict:
@@ -223,6 +258,7 @@ def open_folder(folder, kind: str, graphs: list[str] | None = None, model_hash: 
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("format") != EXPORT_FORMAT or manifest.get("kind") != kind:
         raise ArtifactError(f"{folder} is not {what} (no valid {MANIFEST})")
+    check_manifest(manifest, kind, folder / MANIFEST)
     if model_hash is not None and manifest["model"]["hash"] != model_hash:
         raise ArtifactError(
             f"{folder} was {made} from other weights (model hash {manifest['model']['hash'][:16]}), not from this "

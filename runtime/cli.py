@@ -260,7 +260,14 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests "
                    "after the first (default 20)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests past this get 503 (default 64)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets 504 (default 120)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request gets 504 and its work "
+                   "stops at the next step (default 120)")  # fmt: skip
+    p.add_argument("--max-prompt-chars", type=int, default=4000, help="longest prompt a request may send (default "
+                   "4000)")  # fmt: skip
+    p.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask for (default 150)")
+    p.add_argument("--max-images", type=int, default=8, help="most images (n) in one request (default 8)")
+    p.add_argument("--max-work", type=float, default=500.0, help="most images x steps x megapixels in one request "
+                   "(default 500: 8 images of 1024x1024 at 50 steps are 419)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--address", default=None, help="an existing Ray cluster to join (auto, HOST:PORT or "
@@ -275,14 +282,17 @@ def _serve(args) -> int:
     from .optional import require
 
     require("ray", "fastapi", feature="diffrt serve")
-    from .serve import app
+    from .serve import app, protocol, worker
 
+    limits = protocol.Limits(args.max_prompt_chars, args.max_steps, args.max_images, args.max_work)
     settings = app.Settings(
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
         loras=tuple(lora.parse_spec(spec) for spec in args.lora), replicas=args.replicas, max_batch=args.max_batch,
         batch_wait_s=args.batch_wait_ms / 1000, max_queue=args.max_queue, timeout_s=args.timeout,
-        replica_cpus=args.replica_cpus, name=args.name, route_prefix=args.route_prefix,
+        replica_cpus=args.replica_cpus, name=args.name, route_prefix=args.route_prefix, limits=limits,
     )  # fmt: skip
+    settings.check()
+    worker.preflight(settings, settings.loras, args.host, None if args.address else args.port)  # before Ray
     app.run(settings, host=args.host, port=args.port, address=args.address)
     return 0
 
@@ -311,10 +321,12 @@ def _batch(args) -> int:
     from .optional import require
 
     require("ray", "pyarrow", feature="diffrt batch")
-    from .serve import batch
+    from .serve import batch, worker
 
     settings = batch.BatchSettings(model=args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                                    workers=args.workers, batch_size=args.batch_size, worker_cpus=args.worker_cpus)
+    settings.check()
+    worker.preflight(settings)  # before Ray starts
     summary = batch.run(args.prompts, args.out, settings, seed=args.seed, address=args.address)
     print(batch.describe(summary, args.out))
     if args.result:

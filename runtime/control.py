@@ -16,7 +16,6 @@ diffusers' ``StableDiffusionControlNetPipeline`` and ``StableDiffusionXLControlN
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch
 from torch import nn
 
 from . import embedded, families
-from .images import repeat, to_tensor
+from .checks import number
+from .images import WIDE_MODES, repeat, to_tensor
 
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
@@ -168,10 +168,7 @@ def _per_controlnet(name: str, value, count: int) -> tuple[float, ...]:
     if len(values) != count:
         raise ValueError(f"{name} has {len(values)} values for {count} ControlNet(s): give one number, or one per "
                          "ControlNet")  # fmt: skip
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number (or a list of them), got {v!r}")
-    return tuple(float(v) for v in values)
+    return tuple(number(name if count == 1 else f"{name} {k}", v) for k, v in enumerate(values))
 
 
 def control_images(picture, n: int, height: int, width: int, what: str = "control_image") -> torch.Tensor:
@@ -275,9 +272,9 @@ def canny(image, low: int = CANNY_LOW, high: int = CANNY_HIGH):
 
     if isinstance(image, str | os.PathLike):
         image = read_picture(image, "canny image")
-    if hasattr(image, "convert"):
+    if hasattr(image, "convert") and image.mode not in WIDE_MODES:
         grey = np.asarray(image.convert("L"))
-    else:
+    else:  # arrays, tensors and pictures of more than 8 bits: their range kept, then 8 bits for OpenCV
         grey = (to_tensor(image, "canny image").mean(1)[0] * 255).round().to(torch.uint8).numpy()
     edges = canny_edges(grey, low, high)
     return Image.fromarray(np.stack([edges] * 3, axis=-1))

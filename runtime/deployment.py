@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from . import artifacts, families
+from .checks import fields
 from .components import Components, class_name
 from .files import atomic_write_bytes
 from .version import __version__
@@ -184,7 +185,8 @@ def open_deployment(folder) -> tuple[dict, dict]:
     """(manifest, deployment.json) of an export folder, every file verified before anything is read."""
     folder = Path(folder)
     manifest = artifacts.read_manifest(folder) or {}
-    made = manifest.get("versions", {}).get("diffrt", "?")
+    versions = manifest.get("versions")
+    made = versions.get("diffrt", "?") if isinstance(versions, dict) else "?"
     if isinstance(manifest.get("format"), int) and manifest["format"] > artifacts.EXPORT_FORMAT:
         raise artifacts.ArtifactError(
             f"{folder} was exported by diffrt {made} (export format {manifest['format']}); this diffrt {__version__} "
@@ -199,7 +201,10 @@ def open_deployment(folder) -> tuple[dict, dict]:
             f"load the model and pass onnx_dir={str(folder)!r} (transformer families are not deployable yet; "
             "U-Net exports made by diffrt export have one)"
         )
-    if not isinstance(record.get("format"), int) or record["format"] > FORMAT:
+    _checked_fields(record, {"format": int, "files": list}, f"{folder}/manifest.json: deployment")
+    for k, file in enumerate(record["files"]):
+        _checked_fields(file, artifacts.FILE_RECORD, f"{folder}/manifest.json: deployment.files[{k}]")
+    if record["format"] > FORMAT:
         raise artifacts.ArtifactError(f"{folder} was deployed by diffrt {record.get('diffrt', '?')} (deployment "
                                       f"format {record.get('format')!r}); this diffrt {__version__} reads format "
                                       f"{FORMAT}: upgrade diffrt")  # fmt: skip
@@ -210,6 +215,7 @@ def open_deployment(folder) -> tuple[dict, dict]:
     if problem:
         raise artifacts.ArtifactError(f"refusing to load the deployment: {problem}")
     deployment = json.loads((folder / DEPLOYMENT).read_text())
+    _check_record(deployment, folder / DEPLOYMENT)
     missing = [t["file"] for t in deployment["tokenizers"] if t["file"] not in names]
     if missing:
         raise artifacts.ArtifactError(f"{folder}: its tokenizer file(s) {missing} are not in its manifest")
@@ -242,6 +248,34 @@ def load(folder, dtype=None) -> Components:
                       scheduler, random_weights=deployment["random_weights"], defaults=deployment["defaults"],
                       path=folder, transformer=transformer, deployed=manifest,
                       default_sources=deployment.get("default_sources", {}))  # fmt: skip
+
+
+PART = {"class": str, "config": dict}
+RECORD_FIELDS = {"name": str, "family": str, "random_weights": bool, "defaults": dict, "denoiser": dict, "vae": dict,
+                 "text_encoders": list, "scheduler": dict, "tokenizers": list}  # fmt: skip
+TOKENIZER = {"file": str, "model_max_length": int, "pad_id": int, "pad_token": (str, type(None))}
+
+
+def _check_record(deployment, where: Path) -> None:
+    """deployment.json's fields, each of its type, naming the file and the field."""
+    _checked_fields(deployment, RECORD_FIELDS, str(where))
+    _checked_fields(deployment["denoiser"], {"part": str, **PART}, f"{where}: denoiser")
+    _checked_fields(deployment["vae"], PART, f"{where}: vae")
+    for k, encoder in enumerate(deployment["text_encoders"]):
+        _checked_fields(encoder, PART, f"{where}: text_encoders[{k}]")
+    _checked_fields(deployment["scheduler"], {**PART, "alphas_cumprod": (list, type(None))}, f"{where}: scheduler")
+    for k, tokenizer in enumerate(deployment["tokenizers"]):
+        _checked_fields(tokenizer, TOKENIZER, f"{where}: tokenizers[{k}]")
+    if deployment["family"] not in families.FAMILIES:
+        raise artifacts.ArtifactError(f"{where}: family {deployment['family']!r} is not one of "
+                                      f"{', '.join(families.FAMILIES)}")  # fmt: skip
+
+
+def _checked_fields(record, spec: dict, where: str) -> None:
+    try:
+        fields(record, spec, where)
+    except ValueError as err:
+        raise artifacts.ArtifactError(str(err)) from None
 
 
 def precision_dtype(folder) -> str:

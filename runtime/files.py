@@ -15,7 +15,40 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-TEMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".tmp-"  # every temporary name diffrt writes: TEMP_PREFIX + the writer's pid + "-" + a name
+
+
+def temp_prefix(name: str = "") -> str:
+    """The start of a temporary name this process writes (its pid in it, so a cleaner knows whose it is)."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{name}"
+
+
+def clean_leftovers(folder: str | os.PathLike) -> int:
+    """Remove the temporaries a killed writer left in ``folder`` (those of a process that no longer runs, or of
+    no recorded process); returns how many. Safe beside live writers: their pids are alive."""
+    removed = 0
+    for entry in Path(folder).glob(TEMP_PREFIX + "*"):
+        owner = entry.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and _alive(int(owner)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
@@ -66,7 +99,7 @@ def check_output(path: str | os.PathLike, what: str, *, folder: bool = False, ne
         raise ValueError(f"cannot write {what} {path}: {existing} is a file, not a folder")
     probe_in = existing if existing.is_dir() else existing.parent
     try:
-        fd, probe = tempfile.mkstemp(dir=probe_in, prefix=TEMP_PREFIX + "probe-")
+        fd, probe = tempfile.mkstemp(dir=probe_in, prefix=temp_prefix("probe-"))
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -91,7 +124,7 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX + path.name + ".")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name + "."))
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; artifacts are meant to be shared
         with os.fdopen(fd, "wb") as f:

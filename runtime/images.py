@@ -16,6 +16,9 @@ import torch
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CHANNELS = (1, 3, 4)  # of a numpy array: grey, RGB or RGBA (alpha dropped)
+# PIL modes of more than 8 bits a channel (16-bit PNG/TIFF, 32-bit int and float images): read with their range,
+# where PIL's convert("RGB") would clip every value to 8 bits
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
 def read_picture(path: str | os.PathLike, what: str = "image"):
@@ -37,7 +40,10 @@ def to_tensor(picture, what: str) -> torch.Tensor:
     """PIL image / array / tensor (or a list of them) -> float tensor [N, C, H, W] in [0, 1]."""
     import numpy as np
 
-    if hasattr(picture, "convert") and hasattr(picture, "size"):  # PIL
+    if hasattr(picture, "convert") and hasattr(picture, "size") and picture.mode in WIDE_MODES:
+        tensor = _wide_tensor(picture, what)  # grey: as RGB, as PIL converts an 8-bit grey picture
+        tensor = tensor if what == "mask_image" else tensor.expand(-1, 3, -1, -1)
+    elif hasattr(picture, "convert") and hasattr(picture, "size"):  # PIL
         mode = "L" if what == "mask_image" else "RGB"
         array = np.asarray(picture.convert(mode), dtype=np.float32) / 255.0
         tensor = torch.from_numpy(array)
@@ -61,16 +67,33 @@ def to_tensor(picture, what: str) -> torch.Tensor:
     return tensor
 
 
+def _wide_tensor(picture, what: str) -> torch.Tensor:
+    """A one-channel PIL picture of more than 8 bits (WIDE_MODES) as [1, 1, H, W] in [0, 1], its range kept:
+    16-bit values over 65535, float ones as they are (which must be in [0, 1])."""
+    import numpy as np
+
+    full = WIDE_MODES[picture.mode]
+    values = np.asarray(picture, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > full:
+        raise ValueError(f"{what} is a {picture.mode} image with values {low:g} to {high:g}; diffrt reads "
+                         f"{picture.mode} pictures as 0 to {full:g} (convert it to 8-bit RGB or scale it)")  # fmt: skip
+    return torch.from_numpy((values / full).astype(np.float32))[None, None]
+
+
 def _array_tensor(array, what: str) -> torch.Tensor:
-    """A channels-last numpy array ([H, W], [H, W, C], [N, H, W, C]; uint8 or floats in [0, 1]) -> [N, C, H, W]."""
+    """A channels-last numpy array ([H, W], [H, W, C], [N, H, W, C]; uint8, uint16 or floats in [0, 1]) ->
+    [N, C, H, W]."""
     import numpy as np
 
     if array.dtype == np.uint8:
         values = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:  # 16-bit pictures keep their 65536 levels
+        values = (array.astype(np.float64) / 65535.0).astype(np.float32)
     elif np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_:
         values = array.astype(np.float32)
     else:
-        raise ValueError(f"{what} array must be uint8 or float, got dtype {array.dtype}")
+        raise ValueError(f"{what} array must be uint8, uint16 or float, got dtype {array.dtype}")
     tensor = torch.from_numpy(np.ascontiguousarray(values))
     tensor = tensor[None, :, :, None] if tensor.ndim == 2 else tensor[None] if tensor.ndim == 3 else tensor
     if tensor.ndim != 4 or tensor.shape[-1] not in CHANNELS:

@@ -51,6 +51,8 @@ def _vectors(tensor: torch.Tensor, file: Path) -> torch.Tensor:
         tensor = tensor[None]
     if tensor.dim() != 2 or tensor.shape[0] < 1:
         raise ValueError(f"{file}: embeddings must be [vectors, dim], got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{file}: embeddings must be finite floats, got {tensor.dtype} with NaN, inf or no floats")
     return tensor
 
 
@@ -67,13 +69,28 @@ def load(components, path, token: str | None = None) -> tuple[list[str], list[in
         if vectors.shape != (count, dim):
             raise ValueError(f"{path}: embedding of shape {tuple(vectors.shape)} for text encoder {index + 1}, "
                              f"whose token embeddings are {dim}-d ({count} vectors expected)")  # fmt: skip
-        taken = [t for t in tokens if t in tokenizer.get_vocab()]
-        if taken:
-            raise ValueError(f"token {taken[0]!r} is already in the tokenizer of text encoder {index + 1}: give "
-                             "another token=")  # fmt: skip
+        for token in tokens:
+            if not token.strip():
+                raise ValueError(f"{path}: token {token!r} is blank; a token must hold a visible character")
+            word = existing_word(tokenizer, token)
+            if word is not None:
+                seen_as = "" if word == token else f" (it reads {token!r} as {word!r})"
+                raise ValueError(f"token {token!r} is already in the tokenizer of text encoder {index + 1}{seen_as}: "
+                                 "it would change every prompt that uses it; give another token=")  # fmt: skip
     for index, vectors in by_encoder.items():
         _add(components.tokenizers[index], components.text_encoders[index], tokens, vectors)
     return tokens, sorted(by_encoder)
+
+
+def existing_word(tokenizer, token: str) -> str | None:
+    """The token of the tokenizer that ``token`` already is, as the tokenizer reads text (after its own
+    normalization: "Dress" is CLIP's "dress</w>"), or None: adding it would change prompts that use that word."""
+    if token in tokenizer.get_vocab():
+        return token
+    pieces = tokenizer.tokenize(token)
+    if len(pieces) == 1 and tokenizer.convert_tokens_to_ids(pieces[0]) != tokenizer.unk_token_id:
+        return pieces[0]
+    return None
 
 
 def _add(tokenizer, encoder, tokens: list[str], vectors: torch.Tensor) -> None:

@@ -36,12 +36,35 @@ def load_components(source: str | os.PathLike, dtype=None, device=None) -> Compo
         return embedded.load(source, dtype)
     if presets.is_preset(source):
         return presets.load(source, dtype, device)
+    path = _existing(source)
+    if deployment.is_deployment(path):  # an export folder: runs from its graphs alone
+        return deployment.load(path, dtype)
+    return folders.load_folder(path, dtype)
+
+
+def check_source(source) -> None:
+    """What ``load_components(source)`` would refuse that needs no weights read: an unknown name or preset
+    option, a path that is not there, a folder that is no diffusers folder (or export) of a family diffrt runs.
+    Cheap: a command checks its model with it before starting workers that would load it."""
+    if isinstance(source, str) and source in embedded.NAMES:
+        return
+    if presets.is_preset(source):
+        presets.resolve(source)
+        return
+    path = _existing(source)
+    if deployment.is_deployment(path):
+        return
+    if not path.is_dir():
+        raise ValueError(f"model {path} is a file; give a diffusers folder (holding model_index.json)")
+    index = folders.read_index(path)
+    families.for_pipeline_class(index.get("_class_name"), f"{path}/model_index.json")
+
+
+def _existing(source) -> Path:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
             f"model {str(source)!r} is neither an embedded model ({', '.join(embedded.NAMES)}), "
             f"a preset ({', '.join(presets.names())}) nor an existing folder"
         )
-    if deployment.is_deployment(path):  # an export folder: runs from its graphs alone
-        return deployment.load(path, dtype)
-    return folders.load_folder(path, dtype)
+    return path

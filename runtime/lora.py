@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import embedded, families
+from .checks import number, shown
 from .files import safetensors_file
 
 log = logging.getLogger(__name__)
@@ -127,19 +128,55 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, _peft_settings(header.get("lora_adapter_metadata"), file)
 
 
+MAX_SCALE = 100.0  # a LoRA's scale: past this any merged weight is the adapter's alone, or overflows
+MAX_ALPHA = 65536.0  # lora_alpha (and kohya's per-layer alphas): ranks are at most a few thousand
+
+
 def _peft_settings(packed: str | None, file: Path) -> dict[str, dict]:
-    """diffusers packs each part's LoraConfig into the header as ``{"unet.lora_alpha": 8, ...}``."""
+    """diffusers packs each part's LoraConfig into the header as ``{"unet.lora_alpha": 8, ...}``: read and
+    checked here, field by field, naming the file (the values diffrt uses: alphas, patterns, rsLoRA)."""
     if not packed:
         return {}
     try:
         flat = json.loads(packed)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise LoraError(f"{file}: its lora_adapter_metadata is not JSON: {err}") from err
+    if not isinstance(flat, dict):
+        raise LoraError(f"{file}: its lora_adapter_metadata must be a JSON object, got {type(flat).__name__}")
     settings: dict[str, dict] = {}
     for key, value in flat.items():
         part, _, name = key.partition(".")
-        settings.setdefault(part, {})[name] = value
+        settings.setdefault(part, {})[name] = _header_field(file, key, name, value)
     return settings
+
+
+def _header_field(file: Path, key: str, name: str, value):
+    """One lora_adapter_metadata field, checked where diffrt reads it."""
+    where = f"{file}: lora_adapter_metadata {key}"
+    try:
+        if name == "lora_alpha" and value is not None:
+            return number(where, value, 0, MAX_ALPHA, low_open=True)
+        if name == "use_rslora" and not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {shown(value)}")
+        if name == "alpha_pattern" and value is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where} must be an object of {{layer pattern: alpha}}, got {type(value).__name__}")
+            for pattern, alpha in value.items():
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"{where}: {pattern!r} is not a valid pattern ({err})") from None
+                number(f"{where}[{pattern!r}]", alpha, 0, MAX_ALPHA, low_open=True)
+    except ValueError as err:
+        raise LoraError(str(err)) from None
+    return value
+
+
+def check_file(path) -> None:
+    """The checks a LoRA file gets before it is applied that need no model: readable, its header's fields and
+    every tensor checked (a server checks its LoRAs with it before it starts)."""
+    tensors, _ = read(path)
+    check_tensors(tensors, adapter_file(path))
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -153,9 +190,7 @@ def parse(components, tensors: dict, settings: dict, file: Path) -> tuple[dict, 
     if dora:  # DoRA rescales each merged weight's columns: dropping its magnitudes would give other images
         raise LoraError(f"{file} is a DoRA adapter ({len(dora)} dora_scale keys, e.g. {dora[0]}): diffrt merges "
                         "plain LoRAs only")  # fmt: skip
-    for key, value in tensors.items():
-        if key.endswith(".alpha") and value.numel() != 1:
-            raise LoraError(f"{file}: {key} has shape {tuple(value.shape)}; an alpha is one number per layer")
+    check_tensors(tensors, file)
     try:
         converted, alphas = family.lora_state_dict(components, tensors)
     except (ValueError, KeyError, RuntimeError, IndexError) as err:  # diffusers' kohya converter on odd keys
@@ -177,6 +212,27 @@ def parse(components, tensors: dict, settings: dict, file: Path) -> tuple[dict, 
         factor = _checked(Factor(part, found[0], converted[down_key], converted[up_key], alpha, rs), found[1], file)
         factors[factor.target] = factor
     return dict(sorted(factors.items())), sorted(unmatched)
+
+
+_FACTOR_ENDINGS = ("lora_A.weight", "lora_B.weight", "down.weight", "up.weight")  # PEFT, diffusers and kohya keys
+
+
+def check_tensors(tensors: dict, file: Path) -> None:
+    """Every tensor of a LoRA file checked before anything is converted or written: floats, finite, factors
+    2-D or 4-D and non-empty (rank >= 1), alphas one positive number each; the file and the key named."""
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise LoraError(f"{file}: {key} holds {value.dtype} values; a LoRA's factors and alphas are floats")
+        if not bool(torch.isfinite(value).all()):
+            raise LoraError(f"{file}: {key} holds NaN or inf values")
+        if key.endswith(".alpha"):
+            if value.numel() != 1:
+                raise LoraError(f"{file}: {key} has shape {tuple(value.shape)}; an alpha is one number per layer")
+            if not 0 < float(value) <= MAX_ALPHA:
+                raise LoraError(f"{file}: {key} is {float(value):g}; an alpha is in (0, {MAX_ALPHA:g}]")
+        elif key.endswith(_FACTOR_ENDINGS) and (value.dim() not in (2, 4) or 0 in value.shape):
+            raise LoraError(f"{file}: {key} has shape {tuple(value.shape)}; a LoRA factor is a non-empty 2-D "
+                            "(linear) or 4-D (convolution) matrix")  # fmt: skip
 
 
 def _locate(key: str):
@@ -264,12 +320,12 @@ class Adapters:
     ``write(part, {module: weight})`` puts merged weights where the backend runs them; every change here is
     computed in full before anything is written, so a failed load leaves the weights as they were."""
 
-    def __init__(self, components, write):
+    def __init__(self, components, write, in_place: bool = False):
         if components.deployed:
             raise LoraError("a deployed export holds no torch weights to merge a LoRA into: load the model it was "
                             "exported from (diffrt.load(MODEL, backend=...)) to use LoRAs")  # fmt: skip
         self.components = components
-        self.write = write
+        self.write, self.in_place = write, in_place  # in_place: each write goes straight into the parameters
         self.loaded: dict[str, Adapter] = {}
         self._base: dict[tuple[str, str], torch.Tensor] = {}  # the weights as loaded, for every touched layer
 
@@ -317,20 +373,28 @@ class Adapters:
         self.loaded = rest
 
     def _apply(self, adapters: dict[str, Adapter], targets: set) -> None:
-        """Write the merged weights of ``targets`` under ``adapters``, all computed before any write; if a part's
-        write fails, the parts already written get their previous weights back."""
+        """Write the merged weights of ``targets`` under ``adapters``: a layer at a time where the backend writes
+        into the parameters themselves (only one merged layer in memory beside the base copies: an SDXL U-Net
+        LoRA on every linear layer needed a second copy of the U-Net when merged all at once), a part at a time
+        where each write reopens a graph. A non-finite merge, or a failed write, puts back what was written."""
         for target in targets:
             if target not in self._base:
                 self._base[target] = layer(self.components, *target)[1].weight.detach().clone()
+        ordered = sorted(targets)
+        groups = [[t] for t in ordered] if self.in_place else [[t for t in ordered if t[0] == part]
+                                                                  for part in dict.fromkeys(p for p, _ in ordered)]
         written = []
         try:
-            for part, weights in self._merged(adapters, targets).items():
-                self.write(part, weights)
-                written.append(part)
+            for group in groups:
+                for part, weights in self._merged(adapters, set(group)).items():
+                    _check_finite(adapters, part, weights)
+                    self.write(part, weights)
+                written += group
         except Exception:
-            previous = self._merged(self.loaded, {t for t in targets if t[0] in written})
-            for part, weights in previous.items():
-                self.write(part, weights)
+            for group in groups:  # as before this call, a group at a time
+                done = [t for t in group if t in written]
+                for part, weights in self._merged(self.loaded, set(done)).items():
+                    self.write(part, weights)
             raise
 
     def _merged(self, adapters: dict[str, Adapter], targets: set) -> dict[str, dict[str, torch.Tensor]]:
@@ -350,14 +414,23 @@ class Adapters:
         return updates
 
 
+def _check_finite(adapters: dict[str, Adapter], part: str, weights: dict[str, torch.Tensor]) -> None:
+    for module, weight in weights.items():
+        if not bool(torch.isfinite(weight).all()):
+            scales = ", ".join(f"{a.name} at {a.scale:g}" for a in adapters.values() if (part, module) in a.factors)
+            raise LoraError(f"the LoRA(s) {scales} make the weights of {part}.{module} non-finite in {weight.dtype}: "
+                            "lower the scale")  # fmt: skip
+
+
 def _rescaled(adapter: Adapter, scale: float) -> Adapter:
     return Adapter(adapter.name, adapter.path, adapter.factors, scale)
 
 
 def _check_scale(name: str, scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise LoraError(f"the scale of LoRA {name!r} must be a finite number, got {scale!r}")
-    return float(scale)
+    try:
+        return number(f"the scale of LoRA {name!r}", scale, -MAX_SCALE, MAX_SCALE)
+    except ValueError as err:
+        raise LoraError(str(err)) from None
 
 
 def write_into_modules(components, part: str, weights: dict[str, torch.Tensor]) -> None:

@@ -28,6 +28,10 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the earlier tab
 _STEP_SEED_OFFSET = 0x9E3779B97F4A7C15  # step-noise generators are seeded apart from the initial-noise ones
 
 
+class Cancelled(Exception):
+    """A call stopped by its ``cancel`` callable (between denoising steps): no images."""
+
+
 @dataclass(frozen=True)
 class Result:
     """One call's output: the images (as ``output_type`` asked), their seeds and the call's stage times."""
@@ -165,7 +169,7 @@ class Pipeline:
             write = getattr(self.backend, "write_weights", None)
             if write is None:
                 raise ValueError(f"the {self.backend.name} backend cannot replace weights, so it takes no LoRA")
-            self._adapters = lora.Adapters(self.components, write)
+            self._adapters = lora.Adapters(self.components, write, getattr(self.backend, "weights_in_place", False))
         return self._adapters
 
     # ------------------------------------------------------------------------------------ call
@@ -175,18 +179,24 @@ class Pipeline:
         :func:`diffrt.request.build`."""
         return self.generate(prompt, negative_prompt, **options).images
 
-    def generate(self, prompt, negative_prompt=None, **options) -> Result:
-        """Like calling the pipeline, but returns a :class:`Result` with this call's own seeds and stage times."""
-        return self._run(self._checked(prompt, negative_prompt, options))
+    def generate(self, prompt, negative_prompt=None, *, cancel=None, **options) -> Result:
+        """Like calling the pipeline, but returns a :class:`Result` with this call's own seeds and stage times.
+        ``cancel``: a callable asked before each denoiser call (and between stages); when it returns True the
+        call stops there with :class:`Cancelled` (a captured CUDA-graph loop is asked before it starts)."""
+        return self._run(self._checked(prompt, negative_prompt, options), cancel)
 
     def check(self, prompt, negative_prompt=None, **options) -> None:
-        """Every check ``generate`` makes before any work (the arguments, the step cache, the memory), without
-        running the call: a ValueError names the bad value and what is allowed. Servers check a request with it
-        before queueing it."""
-        self._checked(prompt, negative_prompt, options)
+        """Every check ``generate`` makes before any work (the arguments, the step cache, the memory), and the
+        prompts through the model's tokenizers, without running the call: a ValueError names the bad value and
+        what is allowed. Servers check each request with it before it joins a batch."""
+        req = self._checked(prompt, negative_prompt, options)
+        self.family.tokenize(self.components, [*req.prompts, *(req.negatives or ())], req.max_sequence_length)
 
     def _checked(self, prompt, negative_prompt, options: dict) -> Request:
         req = request.build(self.rules, prompt, negative_prompt, **options)
+        if len(req.prompts) > request.MAX_IMAGES:
+            raise ValueError(f"{len(req.prompts)} images in one call; at most {request.MAX_IMAGES} (generate_batches "
+                             "makes any number, in the memory of one batch)")  # fmt: skip
         self._check_cache(req)
         self._check_memory(req, batch_name="num_images (or generate_batches)")
         self._check_grid(req)
@@ -197,7 +207,7 @@ class Pipeline:
         if req.scheduler is not None:
             self._grid(req)
 
-    def generate_batches(self, prompt, negative_prompt=None, *, batch_size: int = 8, **options):
+    def generate_batches(self, prompt, negative_prompt=None, *, batch_size: int = 8, cancel=None, **options):
         """Yield one :class:`Result` per batch of at most ``batch_size`` images, in order: memory stays that of
         one batch whatever ``num_images`` is. Image k is the same as from ``generate`` (seed s + k)."""
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -208,7 +218,7 @@ class Pipeline:
         self._check_memory(request.batch(req, 0, min(batch_size, n)), batch_name="batch_size")
         self._check_grid(req)
         for first in range(0, n, batch_size):
-            yield self._run(request.batch(req, first, min(first + batch_size, n)))
+            yield self._run(request.batch(req, first, min(first + batch_size, n)), cancel)
 
     def estimate_memory(self, prompt="", negative_prompt=None, **options) -> memory.Estimate:
         """The activation memory a call with these options needs (see :mod:`diffrt.memory`), without running it."""
@@ -235,13 +245,15 @@ class Pipeline:
                              f"backend runs its exported graph whole")  # fmt: skip
         self.family.check_cache(self.components, req.cache)
 
-    def _run(self, req: Request) -> Result:
+    def _run(self, req: Request, cancel=None) -> Result:
+        if cancel is not None and not callable(cancel):
+            raise ValueError(f"cancel must be a callable returning True to stop the call, got {type(cancel).__name__}")
         with self._lock:
-            result = self._generate(req)
+            result = self._generate(req, cancel or _never)
             self.stages, self.last_seeds = result.stages, result.seeds
         return result
 
-    def _generate(self, req: Request) -> Result:
+    def _generate(self, req: Request, cancel) -> Result:
         clock, times = Clock(self.device), StageTimes()
         t_start = clock.mark()
         cond, uncond = self._encode(req)
@@ -249,9 +261,11 @@ class Pipeline:
         image_latents = None if req.image is None else self._encode_latents(req.image)
         t_image = clock.mark()
         start = self._start(req, cond, uncond, image_latents)
-        x, unet_marks, tally = self._denoise(req, start, clock)
+        _stop_if(cancel, "before denoising")
+        x, unet_marks, tally = self._denoise(req, start, clock, cancel)
         t_denoised = clock.mark()
-        _require_finite(x, "latents", req, start.plan.name)  # after the mark: its host sync is not denoising
+        _stop_if(cancel, "before decoding")
+        self._require_finite(x, req, start.plan.name)  # after the mark: its host sync is not denoising
         result = x if req.output_type == "latent" else self._decode_output(req, x)
         t_end = clock.mark()
 
@@ -395,7 +409,7 @@ class Pipeline:
             denoiser = denoisers.prediction_denoiser(model, components.prediction_type)
         return denoiser if repaint is None else denoisers.masked_denoiser(denoiser, repaint, image_latents)
 
-    def _denoise(self, req: Request, start: Start, clock: Clock) -> tuple[torch.Tensor, list, tuple | None]:
+    def _denoise(self, req: Request, start: Start, clock: Clock, cancel) -> tuple[torch.Tensor, list, tuple | None]:
         """The sampling loop: captured as one CUDA graph when the backend can, the sampler is deterministic and
         a step cache (if any) has a fixed schedule, else eager with per-call timing; then the kept latents
         pasted back (inpainting by blending). Also the step cache's (full, cached) call counts, or None."""
@@ -413,13 +427,13 @@ class Pipeline:
                        else f"step cache {cache} decides on the host at each call")  # fmt: skip
                 log.info("%s: its loop runs eagerly, not as a CUDA graph", why)
             session = None if cache is None else step_cache.CacheSession(cache, calls)
-            x = self._denoise_eager(req, start, clock, marks, session, calls)
+            x = self._denoise_eager(req, start, clock, marks, session, calls, cancel)
             tally = None if session is None else (session.full_calls, session.cached_calls)
         if start.repaint is not None:
             x = start.repaint * x + (1 - start.repaint) * start.image_latents
         return x, marks, tally
 
-    def _denoise_eager(self, req: Request, start: Start, clock: Clock, marks: list, session, calls: int):
+    def _denoise_eager(self, req: Request, start: Start, clock: Clock, marks: list, session, calls: int, cancel):
         """Step by step, timing each U-Net call (events on CUDA: no syncs), with a progress bar (plain lines
         every few seconds when stderr is not a terminal)."""
         from tqdm.auto import tqdm
@@ -439,6 +453,7 @@ class Pipeline:
         with bar:
 
             def timed(x, alpha, sigma, t):
+                _stop_if(cancel, f"after {len(marks) // 2} of {calls} denoiser calls")
                 marks.append(clock.mark())
                 out = denoiser(x, alpha, sigma, t)
                 marks.append(clock.mark())
@@ -502,6 +517,21 @@ class Pipeline:
             raise ValueError(f"the VAE decoder gave non-finite pixels ({image.dtype}) from finite latents")
         return (image.to(torch.float32) / 2 + 0.5).clamp(0, 1)
 
+    def _require_finite(self, latents: torch.Tensor, req: Request, sampler: str) -> None:
+        """Never hand back a NaN/inf image as if it were one (one host sync per call, after the loop); the
+        message names the likely causes, the loaded adapters and a 16-bit dtype first."""
+        if bool(torch.isfinite(latents).all()):
+            return
+        causes = []
+        if self.loras:
+            loaded = ", ".join(f"{name} at {info['scale']:g}" for name, info in self.loras.items())
+            causes.append(f"the LoRA(s) loaded ({loaded}): unload them or lower their scales")
+        if self.dtype != torch.float32:
+            causes.append(f"the {str(self.dtype).removeprefix('torch.')} weights: run in float32")
+        causes.append(f"the guidance {req.guidance:g}: lower it")
+        raise ValueError(f"the latents came out non-finite (NaN or inf) after {req.steps} steps of {sampler}; likely "
+                         f"causes: {'; '.join(causes)}")  # fmt: skip
+
     def _decode_output(self, req: Request, latents: torch.Tensor) -> torch.Tensor:
         images = self.decode(latents)
         if req.mask is not None and req.overlay:
@@ -521,11 +551,13 @@ def _model_calls(plan: samplers.Plan) -> int:
     return plan.levels.steps + sum(plan.static.get("second", []))
 
 
-def _require_finite(tensor: torch.Tensor, what: str, req: Request, sampler: str) -> None:
-    """Never hand back a NaN/inf image as if it were one (one host sync per call, after the loop)."""
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"the {what} came out non-finite (NaN or inf) at guidance {req.guidance:g}, "
-                         f"{req.steps} steps of {sampler}: lower the guidance, or run in float32")  # fmt: skip
+def _never() -> bool:
+    return False
+
+
+def _stop_if(cancel, where: str) -> None:
+    if cancel():
+        raise Cancelled(f"the call was cancelled {where}")
 
 
 def _skip_start(grid: Grid, strength: float) -> Grid:

@@ -369,8 +369,8 @@ def build_modules(preset: Preset, seed: int = 0, device=None, dtype=None):
 
 def load(preset: str | Preset, dtype=None, device=None) -> Components:
     """A preset (by name, a reduced-depth variant's name, or a :class:`Preset` of one's own) as Components with
-    seeded RANDOM weights (in
-    ``dtype`` when given), built on ``device`` (default the CPU) after checking that they fit there."""
+    seeded RANDOM weights (in ``dtype`` when given), built on ``device`` (default the CPU) after checking that
+    they fit there."""
     from . import defaults
 
     if not isinstance(preset, Preset):

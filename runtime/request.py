@@ -10,7 +10,6 @@ call's are resized to it, with a warning (as diffusers does).
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from dataclasses import dataclass, field, replace
 
@@ -18,6 +17,7 @@ import torch
 
 from . import control as controlnets
 from . import defaults, samplers, step_cache
+from .checks import integer, number, prompt_text, shown
 from .components import class_name
 from .images import OUTPUT_TYPES, fit_size, image_tensor, mask_tensor
 from .schedules import SPACINGS
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 STEP_NOISE = ("diffusers", "device")  # see build
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_GUIDANCE = 100.0  # beyond this the guided prediction leaves the data range: saturated or non-finite images
+MAX_STEPS = 1000  # a training schedule's timesteps: more steps revisit the same levels
+MAX_IMAGES = 1024  # images in one call (generate_batches takes more, in the memory of one batch)
+MAX_BATCHED_IMAGES = 1_000_000  # images one generate_batches call makes
 USUAL_GUIDANCE = 30.0  # above this a warning: published models are sampled at 1-15
 
 
@@ -147,9 +150,8 @@ def build(
                          f"{defaults.SCHEDULER!r} (the model's own scheduler)")  # fmt: skip
     if step_noise is not None and step_noise not in STEP_NOISE:
         raise ValueError(f"step_noise must be one of {STEP_NOISE}, got {step_noise!r}")
-    _check_guidance(guidance)
-    if not _is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+    guidance = _check_guidance(guidance)
+    guidance_rescale = number("guidance_rescale", guidance_rescale, 0, 1)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     seeds = _seed_list(seed, n)
@@ -167,7 +169,7 @@ def build(
     control = controlnets.settings(rules.controlnets, control_image, controlnet_scale, control_start, control_end,
                                    guess_mode, n, height, width)  # fmt: skip
     _check_sampler_options(scheduler, sampler, steps, sampler_options)
-    _check_true_cfg(true_cfg, rules)
+    true_cfg = _check_true_cfg(true_cfg, rules)
     _check_sequence(max_sequence_length, rules)
     return Request(
         prompts, negatives, seeds, steps, sampler, sampler_options, float(guidance), float(guidance_rescale),
@@ -201,35 +203,28 @@ def _own_scheduler(rules: Rules, spacing: str | None, options: dict):
     return rules.scheduler if spacing is None else samplers.with_spacing(rules.scheduler, spacing)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_steps(steps, max_steps: int | None) -> None:
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    integer("steps", steps, 1)
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS} (a training schedule's timesteps), got {shown(steps)}")
     if max_steps is not None and steps > max_steps:
         raise ValueError(f"steps must be at most {max_steps} for this consistency model (it was distilled on a "
                          f"{max_steps}-step schedule; 1-8 steps is its use), got {steps}")  # fmt: skip
 
 
-def _check_guidance(guidance) -> None:
-    if not _is_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-        raise ValueError(f"guidance must be a number in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
+def _check_guidance(guidance) -> float:
+    guidance = number("guidance", guidance, 0, MAX_GUIDANCE)
     if guidance > USUAL_GUIDANCE:
         log.warning("guidance %g is far above the usual 1-15: expect saturated images", guidance)
+    return guidance
 
 
-def _check_true_cfg(true_cfg, rules: Rules) -> None:
-    if not _is_number(true_cfg) or not 1 <= true_cfg <= MAX_GUIDANCE:
-        raise ValueError(f"true_cfg must be a number in [1, {MAX_GUIDANCE:g}] (1 = off), got {true_cfg!r}")
+def _check_true_cfg(true_cfg, rules: Rules) -> float:
+    true_cfg = number("true_cfg (1 = off)", true_cfg, 1, MAX_GUIDANCE)
     if true_cfg != 1 and not rules.guidance_distilled:
         raise ValueError("true_cfg applies to guidance-distilled models (FLUX.1-dev); for this model guidance= is "
                          "the classifier-free guidance scale itself")  # fmt: skip
+    return true_cfg
 
 
 def _check_sequence(length, rules: Rules) -> None:
@@ -238,16 +233,15 @@ def _check_sequence(length, rules: Rules) -> None:
     if rules.max_sequence_length is None:
         raise ValueError("max_sequence_length applies to models with a T5 text encoder (SD3, FLUX.1); this model's "
                          "prompts are padded to its tokenizer's length")  # fmt: skip
-    if not _is_int(length) or not 1 <= length <= rules.max_sequence_length:
-        raise ValueError(f"max_sequence_length must be an integer in [1, {rules.max_sequence_length}], "
-                         f"got {length!r}")  # fmt: skip
+    integer("max_sequence_length", length, 1, rules.max_sequence_length)
 
 
 def _check_size(name: str, value, rules: Rules) -> int | None:
     """None (the model's default, or the picture's size) or a multiple of the VAE factor, at least min_size."""
     if value is None:
         return None
-    if not _is_int(value) or value % rules.size_step or value < rules.min_size:
+    integer(name, value)
+    if value % rules.size_step or value < rules.min_size:
         raise ValueError(f"{name} must be a multiple of {rules.size_step} and at least {rules.min_size}, "
                          f"got {value!r}")  # fmt: skip
     if rules.max_size is not None and value > rules.max_size:
@@ -290,8 +284,7 @@ def _check_strength(strength, steps: int, inpainting: bool) -> float:
     """Strength defaults (0.8 image-to-image, 1 inpainting), bounds, and at least one step left to run."""
     if strength is None:
         strength = 1.0 if inpainting else 0.8
-    if not _is_number(strength) or not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    strength = number("strength", strength, 0, 1, low_open=True)
     if int(steps * strength) < 1:
         raise ValueError(f"strength {strength} with {steps} steps leaves no step to run (steps x strength must "
                          f"be >= 1): raise either")  # fmt: skip
@@ -322,8 +315,8 @@ def _check_sampler_options(scheduler, sampler: str, steps: int, options: dict) -
 
 
 def _prompt_list(prompt, num_images, what) -> list[str]:
-    if num_images is not None and (not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1):
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+    if num_images is not None:
+        integer("num_images", num_images, 1, MAX_BATCHED_IMAGES)
     if isinstance(prompt, str):
         prompts = [prompt] * (1 if num_images is None else num_images)
     elif isinstance(prompt, list | tuple) and all(isinstance(p, str) for p in prompt):
@@ -334,21 +327,23 @@ def _prompt_list(prompt, num_images, what) -> list[str]:
         raise ValueError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
     if not prompts:
         raise ValueError(f"{what} list is empty")
+    for text in dict.fromkeys(prompts):  # each distinct text once: a repeated prompt costs nothing
+        prompt_text(what if len(prompts) == 1 else f"{what} {prompts.index(text)}", text)
     return prompts
 
 
 def _seed_list(seed, n: int) -> list[int]:
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    if _is_int(seed):
-        seeds = [seed + k for k in range(n)]
-    elif isinstance(seed, list | tuple) and all(_is_int(s) for s in seed):
+    if isinstance(seed, list | tuple):
         if len(seed) != n:
             raise ValueError(f"seed list has {len(seed)} entries but {n} images were asked for")
-        seeds = list(seed)
+        seeds = [integer("seed", s) for s in seed]
     else:
-        raise ValueError(f"seed must be an int or a list of ints, got {seed!r}")
+        first = integer("seed", seed)
+        seeds = [first, first + n - 1] if first + n - 1 > MAX_SEED or first < 0 else [first + k for k in range(n)]
     bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
     if bad:
-        raise ValueError(f"seeds must be integers in [0, 2**64 - 1] (image k of seed s uses s + k), got {bad[0]}")
+        raise ValueError(f"seeds must be integers in [0, 2**64 - 1] (image k of seed s uses s + k), got "
+                         f"{shown(bad[0])}")  # fmt: skip
     return seeds

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CORE = ("diffrt.version", "diffrt.lazy", "diffrt.schedules", "diffrt.denoisers", "diffrt.samplers", "diffrt.text",
         "diffrt.files", "diffrt.results", "diffrt.fingerprint", "diffrt.defaults", "diffrt.devices",
-        "diffrt.optional", "diffrt.checksums", "diffrt.startup", "diffrt.backend_spec")  # fmt: skip
+        "diffrt.optional", "diffrt.checksums", "diffrt.startup", "diffrt.backend_spec", "diffrt.checks")  # fmt: skip
 RUNTIME = ("diffrt.components", "diffrt.families", "diffrt.graphspec", "diffrt.loading", "diffrt.folders",
            "diffrt.presets", "diffrt.embedded", "diffrt.minilm", "diffrt.fashion", "diffrt.pipeline",
            "diffrt.request", "diffrt.images", "diffrt.timing", "diffrt.backends", "diffrt.graphs",

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from ..artifacts import key_hash
+from ..checks import fields
 from ..families.base import PositionalGraph
-from ..files import atomic_write_json
+from ..files import atomic_write_json, clean_leftovers, temp_prefix
 from ..graphspec import Dim
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,9 @@ class AotGraph:
         from torch._inductor import aoti_compile_and_package
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.folder)  # what a killed compile left
         stem = f"{self.prefix}-{key_hash(axes)[:12]}"
-        with tempfile.TemporaryDirectory(dir=self.folder, prefix=".compiling-") as scratch:
+        with tempfile.TemporaryDirectory(dir=self.folder, prefix=temp_prefix("compiling-")) as scratch:
             built = aoti_compile_and_package(program, package_path=str(Path(scratch) / "package.pt2"),
                                              inductor_configs=self.configs)  # fmt: skip
             os.replace(built, self.folder / f"{stem}.pt2")
@@ -192,14 +194,25 @@ def _load_package(path: Path):
 
 def _read_package(sidecar: Path) -> Package | None:
     try:
-        record = json.loads(sidecar.read_text())
+        record = fields(json.loads(sidecar.read_text()), {"format": int, "graph": str, "axes": dict}, str(sidecar))
         path = sidecar.with_suffix(".pt2")
-        if record.get("format") != FORMAT or not path.is_file():
-            raise ValueError(f"format {record.get('format')!r} or no {path.name}")
+        if record["format"] != FORMAT or not path.is_file():
+            raise ValueError(f"format {record['format']!r} or no {path.name}")
+        for name, dims in record["axes"].items():
+            if not isinstance(dims, list) or not all(_is_axis(axis) for axis in dims):
+                raise ValueError(f"axes[{name!r}] must be a list of sizes, [low, high] ranges or nulls")
         return Package(path, record["axes"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         log.warning("ignoring the compiled package record %s: %s", sidecar, err)
         return None
+
+
+def _is_axis(axis) -> bool:
+    """An entry of a package's axes: a fixed size, a [low, high] range (high null: unbounded), or null."""
+    if axis is None or (isinstance(axis, int) and not isinstance(axis, bool)):
+        return True
+    return (isinstance(axis, list) and len(axis) == 2 and isinstance(axis[0], int)
+            and (axis[1] is None or isinstance(axis[1], int)))  # fmt: skip
 
 
 def _widened(inputs: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]:

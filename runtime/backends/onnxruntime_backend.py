@@ -116,7 +116,8 @@ def provider_options(provider: str, profile_shapes: dict, precision: str, device
 class _Session:
     """One graph's ONNX Runtime session, fed and read as torch tensors."""
 
-    def __init__(self, session, spec, device: torch.device):
+    def __init__(self, session, spec, device: torch.device, precision: str, where):
+        check_io(session, spec, precision, where)
         self.session, self.spec, self.device = session, spec, device
         self.input_dtypes = {i.name: _ORT_TYPES[i.type] for i in session.get_inputs()}
         self.output_dtypes = {o.name: _ORT_TYPES[o.type] for o in session.get_outputs()}
@@ -148,6 +149,21 @@ class _Session:
         torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream: inputs must be ready
         self.session.run_with_iobinding(binding)  # returns once its stream is done
         return outputs
+
+
+def check_io(session, spec, precision: str, where) -> None:
+    """The session's inputs and outputs against the graph's spec (names, ranks, dtypes), before its first run: a
+    file swapped for another graph's (its hash updated too) is refused here, naming both sides."""
+    for kind, found, wanted in (("inputs", session.get_inputs(), spec.inputs),
+                                ("outputs", session.get_outputs(), spec.outputs)):  # fmt: skip
+        got = {t.name: (len(t.shape), _ORT_TYPES.get(t.type, t.type)) for t in found}
+        expected = {t.name: (len(t.dims), t.torch_dtype(precision)) for t in wanted}
+        if got != expected:
+            def listed(io):
+                return ", ".join(f"{name} ({rank}-d {str(dtype).removeprefix('torch.')})" for name, (rank, dtype)
+                                 in io.items())  # fmt: skip
+            raise ArtifactError(f"{where} has {kind} {listed(got)}; the {spec.name} graph has {listed(expected)}: "
+                                "the file of another graph?")  # fmt: skip
 
 
 def _numpy_type(dtype: torch.dtype):
@@ -211,6 +227,7 @@ class OnnxRuntimeBackend(ExportedBackend):
         record = manifest["graphs"][graph]
         provider_options = [self._provider_options(p, record, manifest) for p in self.providers]
         options, keep = session_options(self.threads), []
+        self._fit_memory(options, graph, record)
         overrides = self._overrides.get(graph, {})
         if overrides:
             import onnxruntime as ort
@@ -225,11 +242,28 @@ class OnnxRuntimeBackend(ExportedBackend):
             for name, array in overrides.items():
                 keep.append(ort.OrtValue.ortvalue_from_numpy(array))  # the session reads it: it must outlive it
                 options.add_initializer(name, keep[-1])
-        session = ort_session(folder / record["onnx"]["file"], self.providers, options, provider_options)
-        wrapped = _Session(session, self.specs[graph], self.device)
+        path = folder / record["onnx"]["file"]
+        session = ort_session(path, self.providers, options, provider_options)
+        wrapped = _Session(session, self.specs[graph], self.device, manifest["precision"], path)
         wrapped.initializers = keep
         log.info("onnxruntime: %s (%s) runs on %s", graph, manifest["precision"], wrapped.provider)
         return wrapped
+
+    def _fit_memory(self, options, graph: str, record: dict) -> None:
+        """On the CPU, a session prepacks its weights while it loads: a second copy of them at the peak (SDXL's
+        10 GB U-Net needed 20 GB and was killed on a 24 GB machine). Where that copy would not fit in the
+        memory available, the session runs from the weights as the file maps them, without prepacking."""
+        from ..memory import available_bytes
+
+        if self.device.type != "cpu":
+            return
+        weights = record["onnx"]["bytes"] + (record.get("data") or {}).get("bytes", 0)
+        free, where = available_bytes(self.device)
+        if 2 * weights > free:
+            log.warning("onnxruntime: %s's %.1f GB of weights run without prepacking (a second copy of them "
+                        "while loading would not fit in the %.1f GB %s)", graph, weights / 1e9, free / 1e9,
+                        where)  # fmt: skip
+            options.add_session_config_entry("session.disable_prepacking", "1")
 
     def _provider_options(self, provider: str, record: dict, manifest: dict) -> dict[str, str]:
         precision = manifest["precision"]

@@ -22,6 +22,7 @@ def is_available() -> tuple[bool, str]:
 class TorchBackend:
     name = "torch"
     adds_tokens = True  # runs the text encoders' own modules: textual inversions add rows to them
+    weights_in_place = True  # write_weights copies into the parameters: LoRAs merge a layer at a time
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.components = components

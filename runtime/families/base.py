@@ -288,6 +288,17 @@ class UNetFamily:
         return None
 
     # ------------------------------------------------------------------------------------ conditioning
+    def tokenize(self, components, prompts: list[str], max_sequence_length: int | None = None) -> None:
+        """The prompts through every tokenizer of the model, unpadded, as a check (a server runs it before a
+        request joins a batch): a text a tokenizer cannot take fails here, alone, naming the prompt."""
+        for tokenizer in components.tokenizers:
+            for prompt in dict.fromkeys(prompts):
+                try:
+                    tokenizer([expand_added_tokens(prompt, tokenizer)], padding=False, truncation=False)
+                except Exception as err:  # noqa: BLE001 - tokenizers raise TypeError, ValueError, their own errors
+                    raise ValueError(f"prompt {prompt[:40]!r} cannot be tokenized by {type(tokenizer).__name__}: "
+                                     f"{type(err).__name__}: {err}") from None  # fmt: skip
+
     def run_text_encoders(self, run, components, prompts: list[str], device, lengths=None) -> list[dict]:
         """Each text encoder's outputs for ``prompts``; ``run(graph, **inputs)`` runs a graph. ``lengths``:
         per encoder, the padded token count (None: its tokenizer's) and whether to warn on truncation."""

@@ -11,11 +11,12 @@
 import asyncio
 import base64
 import json
+import logging
 import math
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -26,10 +27,11 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from . import protocol
 from .metrics import Metrics
 from .resources import cpu_share, torch_threads
-from .worker import start_pipeline
+from .worker import start_pipeline, startup_error
 
 REPLICA_RETRIES = 1  # a request whose replica died is sent once more, to a live one
 HEALTH_TIMEOUT_S = 5.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,10 @@ class Settings:
     replica_cpus: float | None = None  # CPU replicas: CPUs (and torch threads) each; default: the machine's / N
     name: str = "diffrt"  # the Ray Serve application's name
     route_prefix: str = "/"
+    limits: protocol.Limits = field(default_factory=protocol.Limits)  # what one request may ask (400 past it)
 
     def check(self) -> None:
+        self.limits.check_settings()
         for name, low in (("replicas", 1), ("max_batch", 1), ("max_queue", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -67,6 +71,24 @@ class Settings:
             raise ValueError(f"route_prefix must start with '/', got {self.route_prefix!r}")
 
 
+class Ticket:
+    """A queued job's standing: whether its request still waits for it (not cancelled, before its deadline)."""
+
+    def __init__(self, deadline: float):
+        self.deadline, self.cancelled = deadline, False
+
+    def done(self) -> bool:
+        return self.cancelled or time.time() > self.deadline
+
+
+def _refused(err: ValueError) -> dict:
+    return {"status": 400, "error": str(err), "field": protocol.field_named(str(err))}
+
+
+def _failed(err: Exception) -> dict:
+    return {"status": 500, "error": f"generation failed: {type(err).__name__}: {err}"}
+
+
 @serve.deployment
 class Generator:
     def __init__(self, settings: Settings, threads: int | None):
@@ -76,12 +98,15 @@ class Generator:
         self.pipe, self.resolved = start_pipeline(settings, threads, loras=list(settings.loras))
         self.base_loras = {name: info["scale"] for name, info in self.pipe.loras.items()}
         self.loras = dict(self.base_loras)
-        self.pipe("warm-up", seed=0)  # the first call pays one-time costs; the replica is ready only after it
+        # the first call pays one-time costs (at the default size, through the decoder); the replica is ready only
+        # after it. One step: the model's whole default call takes minutes at real size on a CPU
+        self.pipe("warm-up", seed=0, steps=1)
         self.info_record = {
             "model": settings.model, "backend": settings.backend, "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "defaults": self.pipe.defaults,
             "size": self.pipe.default_size, "samplers": list(samplers.available()), "loras": self.base_loras,
-            "max_batch": settings.max_batch, "max_images": protocol.MAX_IMAGES,
+            "max_batch": settings.max_batch, "max_images": settings.limits.max_images,
+            "limits": asdict(settings.limits),
         }  # fmt: skip
         self.run_batch.set_max_batch_size(settings.max_batch)
         self.run_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
@@ -89,48 +114,66 @@ class Generator:
     def info(self) -> dict:
         return {**self.info_record, "pid": os.getpid()}
 
-    async def submit(self, job: protocol.Job) -> dict:
-        """Check the job as the library would run it, then wait for its batch's answer."""
+    async def submit(self, job: protocol.Job, deadline: float) -> dict:
+        """Check the job alone as the library would run it, then wait for its batch's answer. ``deadline``: the
+        wall-clock time its request is answered 504 by; past it, or once the request is cancelled (its timeout,
+        its client gone), the job stops counting, and a call whose jobs all stopped ends at its next step."""
         try:
             self._check(job)
         except ValueError as err:
-            return {"status": 400, "error": str(err), "field": protocol.field_named(str(err))}
-        return await self.run_batch((job, time.perf_counter()))
+            return _refused(err)
+        ticket = Ticket(deadline)
+        try:
+            return await self.run_batch((job, time.perf_counter(), ticket))
+        except asyncio.CancelledError:
+            ticket.cancelled = True
+            raise
 
     def _check(self, job: protocol.Job) -> None:
         unknown = sorted(set(dict(job.lora)) - set(self.base_loras))
         if unknown:
             raise ValueError(f"lora: no LoRA named {', '.join(map(repr, unknown))} is loaded on this server; loaded: "
                              f"{', '.join(self.base_loras) or 'none'}")  # fmt: skip
+        self.settings.limits.check(job, self.resolved)
         self.pipe.check(**job.call())
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def run_batch(self, queued: list[tuple[protocol.Job, float]]) -> list[dict]:
+    async def run_batch(self, queued: list[tuple[protocol.Job, float, "Ticket"]]) -> list[dict]:
         # the pipeline runs in a thread: the event loop keeps taking requests (and /health) meanwhile
         return await asyncio.to_thread(self._run_jobs, queued)
 
-    def _run_jobs(self, queued: list[tuple[protocol.Job, float]]) -> list[dict]:
-        jobs = [job for job, _ in queued]
+    def _run_jobs(self, queued: list[tuple[protocol.Job, float, "Ticket"]]) -> list[dict]:
+        jobs = [job for job, _, _ in queued]
         answers: list[dict] = [{}] * len(jobs)
         for run in protocol.group(jobs, self.settings.max_batch):
             started = time.perf_counter()
-            for index, answer in zip(run, self._run_call([jobs[i] for i in run]), strict=True):
+            tickets = [queued[i][2] for i in run]
+            for index, answer in zip(run, self._run_call([jobs[i] for i in run], tickets), strict=True):
                 queue_ms = (started - queued[index][1]) * 1000
                 answers[index] = answer if "error" in answer else {**answer, "batch": {**answer["batch"],
                                                                                        "queue_ms": queue_ms}}
         return answers
 
-    def _run_call(self, jobs: list[protocol.Job]) -> list[dict]:
-        """One pipeline call for jobs of equal keys; an error answers each of them."""
-        from ..outputs import encode
+    def _run_call(self, jobs: list[protocol.Job], tickets: list["Ticket"]) -> list[dict]:
+        """One pipeline call for jobs of equal keys. If it fails, each job runs alone, so only a job that fails
+        by itself gets an error (its own); a call stops between steps once no job of it still waits."""
+        from ..pipeline import Cancelled
 
         try:
-            self._set_loras(dict(jobs[0].lora))
-            result = self.pipe.generate(**protocol.merged_call(jobs))
-        except ValueError as err:
-            return [{"status": 400, "error": str(err), "field": protocol.field_named(str(err))}] * len(jobs)
-        except Exception as err:  # noqa: BLE001 - a failed call answers 500 with what went wrong, and the replica lives on
-            return [{"status": 500, "error": f"generation failed: {type(err).__name__}: {err}"}] * len(jobs)
+            return self._call(jobs, lambda: all(ticket.done() for ticket in tickets))
+        except Cancelled as err:
+            return [{"status": 504, "error": f"stopped: {err}"}] * len(jobs)
+        except Exception as err:  # noqa: BLE001 - every failure is an answer; the replica lives on
+            if len(jobs) == 1:
+                return [_refused(err) if isinstance(err, ValueError) else _failed(err)]
+            log.warning("a call of %d requests failed (%s: %s); each runs alone", len(jobs), type(err).__name__, err)
+            return [self._run_call([job], [ticket])[0] for job, ticket in zip(jobs, tickets, strict=True)]
+
+    def _call(self, jobs: list[protocol.Job], cancel) -> list[dict]:
+        from ..outputs import encode
+
+        self._set_loras(dict(jobs[0].lora))
+        result = self.pipe.generate(**protocol.merged_call(jobs), cancel=cancel)
         pngs = [base64.b64encode(encode(image)).decode("ascii") for image in result.images]
         batch = {"id": uuid.uuid4().hex, "images": len(pngs), "requests": len(jobs), "stages": asdict(result.stages)}
         answers, first = [], 0
@@ -155,6 +198,8 @@ async def _json(request: Request):
         return json.loads(body)
     except ValueError as err:
         raise protocol.BadRequest(None, f"the body is not JSON: {err}") from None
+    except RecursionError:
+        raise protocol.BadRequest(None, "the body is JSON nested too deeply") from None
 
 
 async def _awaited(response):
@@ -176,6 +221,12 @@ class Gateway:
 
     @app.post("/v1/images/generations")
     async def generations(self, request: Request):
+        try:
+            return await self._generations(request)
+        except Exception as err:  # noqa: BLE001 - whatever went wrong is a JSON 500, counted in /metrics
+            return self._error(500, f"the server failed on this request: {type(err).__name__}: {err}")
+
+    async def _generations(self, request: Request):
         arrived = time.perf_counter()
         try:
             job = protocol.parse(await _json(request), self.settings.model)
@@ -207,10 +258,14 @@ class Gateway:
 
     async def _submit(self, job: protocol.Job) -> dict:
         deadline = time.monotonic() + self.settings.timeout_s
+        wall_deadline = time.time() + self.settings.timeout_s  # the replica's clock: the same machine's wall time
         for attempt in range(REPLICA_RETRIES + 1):
-            response = self.generator.submit.remote(job)
+            response = self.generator.submit.remote(job, wall_deadline)
             try:
                 return await asyncio.wait_for(_awaited(response), max(0.0, deadline - time.monotonic()))
+            except asyncio.CancelledError:  # the client went away: its job stops counting on the replica
+                response.cancel()
+                raise
             except TimeoutError:
                 response.cancel()
                 late = f"no answer within the server's timeout of {self.settings.timeout_s:g} s"
@@ -288,12 +343,19 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address: 
     import ray
 
     settings.check()
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    # replicas' logs stay in Ray's log folder: a replica that fails to start is this command's one-line error
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its start-up lines are not the user's business
     try:
         total = ray.cluster_resources()
         gpus = total.get("GPU", 0) if settings.device in (None, "cuda") else 0
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build(settings, total.get("CPU", 1), gpus), name=settings.name, route_prefix=settings.route_prefix)
+        try:
+            serve.run(build(settings, total.get("CPU", 1), gpus), name=settings.name,
+                      route_prefix=settings.route_prefix)  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - Ray's report of a replica that failed to start: one line
+            raise ValueError(f"diffrt serve could not start its replicas: {_replica_error(settings.name, err)}"
+                             ) from None  # fmt: skip
         prefix = settings.route_prefix.rstrip("/")
         joined = "; a cluster's running Serve keeps its own host and port" if address else ""
         print(f"diffrt serve: {settings.model} ({settings.replicas} replica(s), max batch {settings.max_batch}) at "
@@ -308,3 +370,16 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address: 
             serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def _replica_error(name: str, err: Exception) -> str:
+    """What failed in the application's deployments, as Ray Serve's status records it (the replica's own
+    exception is in its message), else the exception's own line."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications[name]
+        messages = [d.message for d in status.deployments.values() if d.message] or [status.message]
+    except Exception:  # noqa: BLE001 - no status to read: the exception is all there is
+        messages = []
+    return startup_error(RuntimeError("\n".join(messages))) if any(messages) else startup_error(err)

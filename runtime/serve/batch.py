@@ -33,7 +33,7 @@ from ..files import atomic_write_bytes
 from ..outputs import encode
 from . import protocol
 from .resources import cpu_share, torch_threads
-from .worker import start_pipeline
+from .worker import start_pipeline, startup_error
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,13 @@ def read_rows(path: str | os.PathLike, model: str, seed: int = 0) -> list[dict]:
     lines = [(number, line) for number, line in lines if line]
     if not lines:
         raise ValueError(f"{path} holds no prompt")
-    rows = []
+    rows, seen = [], {}
     for index, (number, line) in enumerate(lines):
         row = _jsonl_row(path, number, line) if path.suffix == ".jsonl" else {"prompt": line}
         row.setdefault("seed", seed + index)
         key = json.dumps({**row, "model": model}, sort_keys=True)
+        seen[key] = seen.get(key, 0) + 1  # an identical row again is a row of its own: its own image and id
+        key += "" if seen[key] == 1 else f"#{seen[key]}"
         digest = hashlib.sha256(key.encode()).hexdigest()
         rows.append({**row, "row": index, "id": digest, "file": f"{index:06d}_{digest[:10]}.png"})
     return rows
@@ -115,12 +117,24 @@ def finished(out: Path) -> dict[str, dict]:
     for line in manifest.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a line cut short by a kill: its row is redone
-        file = out / entry.get("file", "")
+        if not _is_entry(entry):
+            log.warning("%s: ignoring a line that is not a manifest entry: %.80s", manifest, line)
+            continue
+        file = out / entry["file"]
         if entry.get("id") not in done and file.is_file() and _sha256(file.read_bytes()) == entry.get("sha256"):
             done[entry["id"]] = entry
     return done
+
+
+ENTRY_FIELDS = {"row": int, "id": str, "file": str, "sha256": str}  # what a manifest line must hold to be trusted
+
+
+def _is_entry(entry) -> bool:
+    """Whether a manifest line is an entry: an object with its fields of their types, its file a plain name."""
+    return (isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in ENTRY_FIELDS.items())
+            and Path(entry["file"]).name == entry["file"] and not entry["file"].startswith("."))  # fmt: skip
 
 
 def _compact(out: Path, done: dict[str, dict]) -> None:
@@ -145,25 +159,35 @@ class Painter:
 
     def __call__(self, batch: dict) -> dict:
         rows = [json.loads(text) for text in batch["row"]]
-        groups: dict[str, list[dict]] = {}
-        for row in rows:
+        lines, groups = [], {}
+        for row in rows:  # each row checked alone first: a bad one is refused alone, before it joins a call
+            options = call_options(row)
+            negative = options.pop("negative_prompt", None)
+            try:
+                self.pipe.check(row["prompt"], negative, seed=row["seed"], **options)
+            except Exception as err:  # noqa: BLE001 - any refusal is this row's, reported in its line
+                lines.append(_refused(row, err))
+                continue
             groups.setdefault(json.dumps(call_options(row), sort_keys=True), []).append(row)
-        lines = []
         for group in groups.values():
             lines += self._paint(group)
         return {"line": lines}
 
     def _paint(self, rows: list[dict]) -> list[str]:
-        """The rows' images written and their manifest lines; rows the pipeline refuses get an error line each
-        (the driver reports them and leaves them out of the manifest, so a fixed file reruns only them)."""
+        """The rows' images written and their manifest lines. A call that fails is run again row by row, so only
+        a row that fails alone gets an error line (the driver reports it and leaves it out of the manifest, so a
+        fixed file reruns only it); nothing here ends the job."""
         options = call_options(rows[0])
         negative = options.pop("negative_prompt", None)
         try:
             result = self.pipe.generate([row["prompt"] for row in rows],
                                         None if negative is None else [negative] * len(rows),
                                         seed=[row["seed"] for row in rows], **options)  # fmt: skip
-        except ValueError as err:
-            return [json.dumps({"row": row["row"], "id": row["id"], "error": str(err)}) for row in rows]
+        except Exception as err:  # noqa: BLE001
+            if len(rows) == 1:
+                return [_refused(rows[0], err)]
+            log.warning("a call of %d rows failed (%s: %s); each runs alone", len(rows), type(err).__name__, err)
+            return [line for row in rows for line in self._paint([row])]
         lines = []
         for row, image in zip(rows, result.images, strict=True):
             data = encode(image)
@@ -173,6 +197,11 @@ class Painter:
                      "settings": {**self.resolved, **call_options(row)}, "sha256": _sha256(data)}
             lines.append(json.dumps(entry))
         return lines
+
+
+def _refused(row: dict, err: Exception) -> str:
+    reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+    return json.dumps({"row": row["row"], "id": row["id"], "error": reason})
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -194,12 +223,12 @@ def run(prompts, out, settings: BatchSettings, *, seed: int = 0, address: str | 
     import ray
 
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    if started:  # workers' logs stay in Ray's log folder: a worker that fails is one line (_reported)
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     first = None  # (seconds, images) when the first batch came back: the rest is the steady rate
     try:
         with (out / MANIFEST).open("a", encoding="utf-8") as manifest:
-            for lines in _painted(settings, out, todo):
+            for lines in _reported(_painted(settings, out, todo)):
                 entries = [json.loads(line) for line in lines]
                 summary["failed"] += [entry for entry in entries if "error" in entry]
                 made = [line for line, entry in zip(lines, entries, strict=True) if "error" not in entry]
@@ -217,6 +246,14 @@ def run(prompts, out, settings: BatchSettings, *, seed: int = 0, address: str | 
     steady = (summary["made"] - first_made) / (wall - first_s) if summary["made"] > first_made else None
     return {**summary, "first_s": first_s, "wall_s": wall, "images_per_s": summary["made"] / wall,
             "steady_images_per_s": steady}
+
+
+def _reported(batches):
+    """The batches, with a worker that could not start (or a job Ray ended) said in one line."""
+    try:
+        yield from batches
+    except Exception as err:  # noqa: BLE001 - Ray Data's report: the worker's own error, in one line
+        raise ValueError(f"diffrt batch stopped: {startup_error(err)}") from None
 
 
 def _painted(settings: BatchSettings, out: Path, todo: list[dict]):

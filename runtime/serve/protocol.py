@@ -15,10 +15,12 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from ..checks import number
+
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 DIFFRT_FIELDS = ("seed", "steps", "sampler", "guidance", "negative_prompt", "lora")
 RESPONSE_FORMATS = ("b64_json",)  # "url" would need storage the server does not have
-MAX_IMAGES = 8  # per request, as OpenAI's n (at most 10 there); many more images are `diffrt batch`'s job
+MAX_IMAGES = 8  # per request by default, as OpenAI's n (at most 10 there); many more images are `diffrt batch`'s job
 SEED_DRAW = 2**63  # a request without a seed gets one below this, so seed + n stays a valid seed
 SIZE_FORMAT = re.compile(r"(\d{1,5})x(\d{1,5})")
 JSON_TYPES = {  # the fields whose JSON type is checked here: (Python types, the words for it)
@@ -66,6 +68,45 @@ class Job:
         return {**dict(self.options), "negative_prompt": self.negative_prompt, "lora": dict(self.lora) or None}
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a replica, refused up front (400) so no request holds it for long; each can be
+    raised with ``diffrt serve``'s options. ``max_work``: images x steps x megapixels (8 images of 1024x1024 at
+    50 steps are 419)."""
+
+    max_prompt_chars: int = 4000
+    max_steps: int = 150
+    max_images: int = MAX_IMAGES
+    max_work: float = 500.0
+
+    def check_settings(self) -> None:
+        for name in ("max_prompt_chars", "max_steps", "max_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        number("max_work", self.max_work, 0, low_open=True)
+
+    def check(self, job: Job, defaults: dict) -> None:
+        """``job`` against the limits, with the model's ``defaults`` (steps, width, height) for what it leaves out;
+        a ValueError names the field, the value and the limit."""
+        options = {**defaults, **dict(job.options)}
+        for field, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt or "")):
+            if len(text) > self.max_prompt_chars:
+                raise ValueError(f"{field} has {len(text)} characters; this server takes at most "
+                                 f"{self.max_prompt_chars}")  # fmt: skip
+        if job.n > self.max_images:
+            raise ValueError(f"n must be at most {self.max_images} on this server, got {job.n}")
+        steps = options.get("steps")
+        if isinstance(steps, int) and steps > self.max_steps:
+            raise ValueError(f"steps must be at most {self.max_steps} on this server, got {steps}")
+        sizes = (options.get("width"), options.get("height"))
+        if isinstance(steps, int) and all(isinstance(v, int) for v in sizes):
+            work = job.n * steps * sizes[0] * sizes[1] / 1e6
+            if work > self.max_work:
+                raise ValueError(f"n x steps x megapixels is {work:.0f} ({job.n} x {steps} x {sizes[0]}x{sizes[1]}); "
+                                 f"this server takes at most {self.max_work:g} per request")  # fmt: skip
+
+
 def parse(body, model: str) -> Job:
     """A request body (parsed JSON) as a :class:`Job` for the served ``model``, or :class:`BadRequest`."""
     if not isinstance(body, dict):
@@ -80,8 +121,8 @@ def parse(body, model: str) -> Job:
         raise BadRequest("response_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, "
                                             f"got {response_format!r}")  # fmt: skip
     n = 1 if body.get("n") is None else body["n"]
-    if not 1 <= n <= MAX_IMAGES:
-        raise BadRequest("n", f"n must be in [1, {MAX_IMAGES}], got {n}")
+    if n < 1:  # the upper bound is the server's (Limits.max_images)
+        raise BadRequest("n", f"n must be an integer >= 1, got {n}")
     options = {name: body[name] for name in ("steps", "guidance", "sampler") if body.get(name) is not None}
     if body.get("size") is not None:
         options["width"], options["height"] = _size(body["size"])
@@ -124,10 +165,13 @@ def _lora(value) -> tuple:
     if not isinstance(value, dict):
         raise BadRequest("lora", f"lora must be an object of LoRA names and scales, such as {{\"style\": 0.8}}, "
                                  f"got {value!r}")  # fmt: skip
+    scales = []
     for name, scale in value.items():
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-            raise BadRequest("lora", f"lora[{name!r}] must be a number (its scale), got {scale!r}")
-    return tuple(sorted((name, float(scale)) for name, scale in value.items()))
+        try:
+            scales.append((name, number(f"lora[{name!r}] (its scale)", scale)))
+        except ValueError as err:
+            raise BadRequest("lora", str(err)) from None
+    return tuple(sorted(scales))
 
 
 def group(jobs: list[Job], max_images: int) -> list[list[int]]:

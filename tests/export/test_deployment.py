@@ -174,3 +174,39 @@ def test_the_cli_generates_from_a_deployed_folder(deployed, tmp_path):
     assert main(["generate", "--model", str(deployed), "--backend", "onnxruntime", "--steps", "2", "a coat",
                  "-o", str(out)]) == 0  # fmt: skip
     assert out.is_file()
+
+
+def _swap_graphs(folder):
+    """vae_decoder.onnx replaced by the text encoder's file, its manifest record (hashes, sizes) updated to
+    match: every hash checks out, the graph is not the one its name says."""
+    import shutil
+
+    shutil.copyfile(folder / "text_encoder.onnx", folder / "vae_decoder.onnx")
+    _edit_manifest(folder, lambda m: m["graphs"]["vae_decoder"].update(
+        onnx=artifacts.file_record(folder / "vae_decoder.onnx")))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: _edit_manifest(f, lambda m: m.update(graphs=list(m["graphs"]))),
+     "'graphs' must be an object, got a list"),
+    (lambda f: _edit_manifest(f, lambda m: m.pop("model")), "manifest.json has no 'model' field"),
+    (lambda f: _edit_manifest(f, lambda m: m["graphs"]["unet"]["onnx"].update(bytes="12")),
+     "graphs.unet.onnx: 'bytes' must be an integer, got a string"),
+    (lambda f: _edit_manifest(f, lambda m: m["graphs"]["unet"]["onnx"].update(file="../unet.onnx")),
+     "is not a file name"),
+    (lambda f: _edit_manifest(f, lambda m: m["deployment"].update(files={"a": 1})),
+     "deployment: 'files' must be a list, got an object"),
+    (_swap_graphs, r"vae_decoder.onnx has inputs input_ids \(2-d int64\); the vae_decoder graph has latent \(4-d "
+                   r"float32\): the file of another graph\?"),
+])  # fmt: skip
+def test_a_malformed_manifest_or_a_swapped_graph_is_one_clear_error(deployed, damage, message, tmp_path):
+    """Each record's fields are checked with the file and the field named; a loaded graph's inputs and outputs
+    are compared with its spec before its first run. Through the CLI too: one line, exit status 2."""
+    from diffrt.cli import main
+
+    damage(deployed)
+    with pytest.raises(artifacts.ArtifactError, match=message):
+        pipe = diffrt.load(deployed, backend="onnxruntime", device="cpu")
+        pipe("a coat", steps=1)
+    assert main(["generate", "a coat", "--model", str(deployed), "--backend", "onnxruntime", "--steps", "1",
+                 "-o", str(tmp_path / "x.png")]) == 2  # fmt: skip

@@ -62,3 +62,32 @@ def test_building_a_preset_leaves_the_callers_random_state_alone():
     assert torch.equal(torch.random.get_rng_state(), before)
     second = presets.load("tiny")
     assert weights_digest({"unet": first.unet}) == weights_digest({"unet": second.unet})  # seeded: the same each time
+
+
+def test_reduced_depth_variants_keep_the_widths_and_say_so():
+    """flux-dev:blocks=2,2 keeps FLUX.1-dev's widths, heads, head dims and T5 length with 2 + 2 of its 19 + 38
+    blocks (counted on the meta device); the name carries the variant into every output."""
+    from diffrt import presets
+
+    full, reduced = presets.resolve("flux-dev"), presets.resolve("flux-dev:blocks=2,2:text_blocks=2")
+    assert reduced.name == "flux-dev:blocks=2,2:text_blocks=2" and reduced.notes.startswith("REDUCED DEPTH")
+    assert {k: v for k, v in reduced.transformer.items() if k not in ("num_layers", "num_single_layers")} == {
+        k: v for k, v in full.transformer.items() if k not in ("num_layers", "num_single_layers")}  # fmt: skip
+    assert (reduced.transformer["num_layers"], reduced.transformer["num_single_layers"]) == (2, 2)
+    t5 = reduced.text_encoders[1]
+    assert (t5["d_model"], t5["num_heads"], t5["num_layers"]) == (4096, 64, 2)
+    counts = presets.parameter_counts(reduced)
+    assert 0.9e9 < counts["transformer"] < 1.1e9  # of FLUX.1-dev's 11.9e9
+    for bad, message in (("sd15:blocks=2", "it fits whole"), ("sd3-medium:blocks=2,2", "takes 1 count"),
+                         ("flux-dev:blocks=0,2", "whole numbers >= 1"), ("flux-dev:size=3", "unknown preset option")):
+        with pytest.raises(ValueError, match=message):
+            presets.resolve(bad)
+
+
+def test_a_reduced_variant_loads_and_runs_under_its_own_name():
+    import diffrt
+
+    pipe = diffrt.load("tiny-flux:blocks=1,2", device="cpu")
+    assert pipe.components.name == "tiny-flux:blocks=1,2" and "tiny-flux:blocks=1,2" in repr(pipe)
+    assert len(pipe.components.transformer.single_transformer_blocks) == 2
+    assert pipe("a coat", steps=1, seed=0, output_type="np").shape == (1, 64, 64, 3)

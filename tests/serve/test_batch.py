@@ -176,3 +176,41 @@ def test_bench_fid_draws_its_samples_through_diffrt_batch(ray_cluster, tmp_path,
     assert "PASS" in capsys.readouterr().out
     assert main([*common, "--workers", "2", "--cache", "deepcache:interval=2"]) == 2
     assert "does not run with --cache" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- hardening (issue 35)
+def test_duplicate_rows_are_distinct_rows_and_odd_manifest_lines_are_ignored(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a coat", "seed": 1}\n{"prompt": "a coat", "seed": 1}\n{"prompt": "a bag"}\n')
+    rows = batch.read_rows(path, MODEL)
+    assert len({r["id"] for r in rows}) == 3 and len({r["file"] for r in rows}) == 3
+    out = tmp_path / "out"
+    out.mkdir()
+    good = {"row": 0, "id": rows[0]["id"], "file": "a.png", "sha256": hashlib.sha256(b"png").hexdigest()}
+    (out / "a.png").write_bytes(b"png")
+    lines = ["[1, 2]", "null", '"text"', json.dumps({**good, "file": "../../etc/passwd"}), json.dumps({"row": 1}),
+             '[' * 100_000, json.dumps(good)]  # fmt: skip
+    (out / batch.MANIFEST).write_text("\n".join(lines) + "\n")
+    assert list(batch.finished(out)) == [rows[0]["id"]]
+
+
+def test_one_bad_row_fails_alone_and_the_job_goes_on(ray_cluster, tmp_path, capsys):
+    """Rows of the same settings share a call: a seed out of range, an unencodable prompt (a lone surrogate, and
+    the surrogate escape of a byte that is not UTF-8), a prompt past the character limit and a negative prompt
+    that cannot be encoded fail each alone, with their own words; the other rows' images are made."""
+    from diffrt.cli import main
+
+    rows = [{"prompt": "a coat"}, {"prompt": "a bag", "seed": -5}, {"prompt": "a \ud800 dress"},
+            {"prompt": "a sandal"}, {"prompt": "caf\udce9"}, {"prompt": "x" * 20_001},
+            {"prompt": "a shirt", "negative_prompt": "\udfff"}, {"prompt": "a pullover"}]  # fmt: skip
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    out = tmp_path / "out"
+    code = main(["batch", str(path), "--model", MODEL, "--out", str(out), "--workers", "1", "--worker-cpus", "0.5",
+                 "--batch-size", "8"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 2 and "3 images made" in printed, printed
+    assert sorted(e["row"] for e in manifest(out)) == [0, 3, 7]
+    for row, words in ((1, "seeds must be integers in [0, 2**64 - 1]"), (2, "cannot be encoded"),
+                       (4, "cannot be encoded"), (5, "characters; at most 20000"), (6, "cannot be encoded")):
+        assert f"row {row} refused: " in printed and words in printed.split(f"row {row} refused: ")[1].splitlines()[0]
