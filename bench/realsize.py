@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _why(error: str, width: int = 70) -> str:
+    """A failure's reason for a table cell: the message without its exception's name or the log line after it."""
+    if error.startswith("killed by signal"):
+        return error.split(": ")[0]
+    message = re.sub(r"^[\w.]+(Error|Exception): ", "", error)
+    return message if len(message) <= width else message[: width - 3] + "..."
+
+
 def _cell(row: dict) -> str:
     if row["status"] == "skip":
         return f"skip ({row['why']})"
@@ -255,6 +264,7 @@ def table(metrics: dict) -> str:
                 mark = "pass" if row["status"] == "pass" else "**fail**"
                 other_size = row.get("size", metrics["models"][model]["size"]) != metrics["models"][model]["size"]
                 at = f" at {row['size']}px" if other_size else ""
-                cells.append(f"{mark}{at}, {row['wall_s']:.0f} s, {row['peak_rss_gb']:.1f} GB")
+                why = f": {_why(row['error'])}" if row["status"] == "fail" else ""
+                cells.append(f"{mark}{at}, {row['wall_s']:.0f} s, {row['peak_rss_gb']:.1f} GB{why}")
         rows.append(f"| {path} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -57,6 +57,7 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 OPSET_RANGE = {"torchscript": (14, 20), "dynamo": (18, 23)}  # 14: first with attention; 18: dynamo's minimum
 PARITY_BOUNDS = {"fp32": 1e-4, "fp16": 2e-2}  # max |onnx - torch fp32| / max |torch fp32| per output
+FP16_MARGIN = 1.25  # an fp16 graph past its bound may add this much to torch's own float16 error, no more
 # What an exporter holds on top of the loaded model, per byte of the graph's weights (a 2.2 GB graph on this
 # CPU, tests/export: TorchScript 2.0, it builds the whole ONNX protobuf in memory and then its serialized bytes;
 # dynamo 0.1, it writes each tensor straight from torch). An fp16 export of fp32 weights adds its fp16 copy.
@@ -257,6 +258,8 @@ def _export_graph(components, spec, settings: OnnxSettings, folder: Path, ranges
         onnx.checker.check_model(str(path))
         parity = measure_parity(components, spec, path, settings.precision, _parity_values(components, ranges))
         bound = PARITY_BOUNDS[settings.precision]
+        if settings.precision == "fp16" and not parity["max_rel_error"] <= bound:
+            bound = _fp16_bound(components, spec, parity, bound)
         if not parity["max_rel_error"] <= bound:
             raise ExportError(
                 f"{spec.name}: the {settings.precision} ONNX graph differs from torch by "
@@ -466,6 +469,35 @@ def _parity_values(components, ranges: ShapeRanges) -> list[dict[str, int]]:
     ]
 
 
+def _fp16_bound(components, spec, parity: dict, bound: float) -> float:
+    """The fp16 bound for a graph whose own arithmetic in float16 is past it: FLUX.1's transformer (tiny-flux,
+    random weights) in float16 differs from float32 by 2.5% in torch itself, as much as its ONNX graph does. Such
+    a graph may differ by up to ``FP16_MARGIN`` times torch's own float16 error on the same inputs, no more."""
+    floor = torch_fp16_error(components, spec, parity["shapes"])
+    parity.update(torch_fp16_error=floor, bound=max(bound, FP16_MARGIN * floor))
+    log.info("%s: torch's own float16 differs from float32 by %.3g: the fp16 bound is %.3g", spec.name, floor,
+             parity["bound"])  # fmt: skip
+    return parity["bound"]
+
+
+def torch_fp16_error(components, spec, shape_sets: list[dict[str, int]], seed: int = 1) -> float:
+    """Max relative error of ``spec``'s torch module in float16 against float32, on the inputs
+    :func:`measure_parity` draws with the same ``seed``."""
+    reference = graph_module(components, spec.name, "fp32")
+    half = graph_module(components, spec.name, "fp16")
+    device = next(reference.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for values in shape_sets:
+        inputs = spec.sample_inputs(within_limits(spec, values), "fp32", generator=generator)
+        expected = run_module(reference, spec, {k: v.to(device) for k, v in inputs.items()})
+        got = run_module(half, spec, {t.name: inputs[t.name].to(device, t.torch_dtype("fp16")) for t in spec.inputs})
+        for name, ref in expected.items():
+            ref = ref.float()
+            worst = max(worst, float((got[name].float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+    return worst
+
+
 def measure_parity(components, spec, path, precision: str, shape_sets: list[dict[str, int]], seed: int = 1) -> dict:
     """Max relative error (max |onnx - torch| / max |torch|, per output) of the ONNX graph at ``path``,
     run on the CPU execution provider, against the float32 torch module, on fresh random inputs."""
@@ -473,6 +505,7 @@ def measure_parity(components, spec, path, precision: str, shape_sets: list[dict
     # prepacking copies every weight while the session loads (2x the graph's weights at peak); without it the
     # weights are mapped from the file: what keeps an export's parity check within the memory of the export
     options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False  # a check runs a few times: the arena's growth buys nothing here
     session = ort_session(path, options=options)
     reference = graph_module(components, spec.name, "fp32")
     device = next(reference.parameters()).device

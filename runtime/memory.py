@@ -78,9 +78,10 @@ def _transformer_bytes(config, batch: int, image_tokens: int, text_tokens: int, 
 
 
 def estimate(components, *, batch: int, height: int, width: int, dtype_size: int, guided: bool,
-             image_to_image: bool, tokens: tuple[int, int] | None = None) -> Estimate:  # fmt: skip
+             image_to_image: bool, tokens: tuple[int, int] | None = None, decode: bool = True) -> Estimate:  # fmt: skip
     """Activation bytes of one call of ``batch`` images at ``height`` x ``width`` (see the module docstring).
-    ``tokens``: a transformer's (image, text) token counts at this size (its family's)."""
+    ``tokens``: a transformer's (image, text) token counts at this size (its family's); ``decode``: False for a
+    call that returns latents (no VAE decoder, no images)."""
     f = components.vae_scale_factor
     denoiser_batch = batch * (2 if guided else 1)
     if tokens is None:
@@ -90,11 +91,10 @@ def estimate(components, *, batch: int, height: int, width: int, dtype_size: int
     else:
         denoiser = ("transformer", _transformer_bytes(components.transformer.config, denoiser_batch, *tokens,
                                                       dtype_size))  # fmt: skip
-    stages = {
-        denoiser[0]: denoiser[1],
-        "VAE decoder": _vae_bytes(components.vae.config, batch, height, width, max(dtype_size, 4)),
-        "images": batch * 3 * height * width * (4 + 4 + 1),  # float32 on the device, on the host, uint8
-    }
+    stages = {denoiser[0]: denoiser[1]}
+    if decode:
+        stages["VAE decoder"] = _vae_bytes(components.vae.config, batch, height, width, max(dtype_size, 4))
+        stages["images"] = batch * 3 * height * width * (4 + 4 + 1)  # float32 on the device, on the host, uint8
     if image_to_image:
         stages["VAE encoder"] = _vae_bytes(components.vae.config, batch, height, width, max(dtype_size, 4))
     return Estimate(stages)
@@ -120,12 +120,12 @@ def available_bytes(device) -> tuple[int, str]:
 
 def check(components, device, *, batch: int, height: int, width: int, dtype_size: int, guided: bool,
           image_to_image: bool, trained_size: int, tokens: tuple[int, int] | None = None,
-          batch_name: str = "batch") -> Estimate:  # fmt: skip
+          batch_name: str = "batch", decode: bool = True) -> Estimate:  # fmt: skip
     """Refuse, before any work, a size more than ``MAX_AREA_FACTOR`` times the trained area (``trained_size``
     pixels a side), or a call whose estimated activations exceed what ``device`` has free. ``batch_name``: the
     setting that sets ``batch``, for the message."""
     found = estimate(components, batch=batch, height=height, width=width, dtype_size=dtype_size, guided=guided,
-                     image_to_image=image_to_image, tokens=tokens)  # fmt: skip
+                     image_to_image=image_to_image, tokens=tokens, decode=decode)  # fmt: skip
     trained = trained_size
     need = (f"{batch} image(s) of {width}x{height} need about {found.peak / GIB:.2f} GiB for the {found.largest}'s "
             f"activations (estimated from the architecture; weights not counted)")  # fmt: skip

@@ -228,7 +228,7 @@ class Pipeline:
     def _memory_settings(self, req: Request) -> dict:
         guided = req.guidance_on and not self.components.guidance_embedding_dim  # two denoiser passes per call
         return dict(batch=len(req.prompts), height=req.height, width=req.width, dtype_size=self.dtype.itemsize,
-                    guided=guided, image_to_image=req.image is not None,
+                    guided=guided, image_to_image=req.image is not None, decode=req.output_type != "latent",
                     tokens=self.family.denoiser_tokens(self.components, req.height, req.width))  # fmt: skip
 
     def _check_memory(self, req: Request, batch_name: str) -> None:

@@ -172,6 +172,9 @@ def _numpy_type(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
 
 
+ARENA_LIMIT = 1_000_000_000  # weights past which a CPU session's activations decide its memory, not its speed
+
+
 def session_options(threads: int | None = None):
     """ONNX Runtime session options for running beside torch in one process."""
     import onnxruntime as ort
@@ -250,14 +253,20 @@ class OnnxRuntimeBackend(ExportedBackend):
         return wrapped
 
     def _fit_memory(self, options, graph: str, record: dict) -> None:
-        """On the CPU, a session prepacks its weights while it loads: a second copy of them at the peak (SDXL's
-        10 GB U-Net needed 20 GB and was killed on a 24 GB machine). Where that copy would not fit in the
-        memory available, the session runs from the weights as the file maps them, without prepacking."""
+        """Two memory settings of a CPU session, for graphs where memory rather than allocation time is what
+        limits. A session prepacks its weights while it loads: a second copy of them at the peak (SDXL's 10 GB
+        U-Net needed 20 GB). Where that copy would not fit in the memory available, the session runs from the
+        weights as the file maps them, without prepacking. And a session's memory arena keeps what its runs
+        allocated and grows by chunks: FLUX.1's transformer at 1024x1024 (4608 tokens) beside its torch model
+        reached 24.5 GB in its second call on a 24 GB machine and was killed; 19.7 GB at most without the arena
+        (bench realsize). So graphs of more than ``ARENA_LIMIT`` bytes of weights allocate from the system."""
         from ..memory import available_bytes
 
         if self.device.type != "cpu":
             return
         weights = record["onnx"]["bytes"] + (record.get("data") or {}).get("bytes", 0)
+        if weights > ARENA_LIMIT:
+            options.enable_cpu_mem_arena = False
         free, where = available_bytes(self.device)
         if 2 * weights > free:
             log.warning("onnxruntime: %s's %.1f GB of weights run without prepacking (a second copy of them "

@@ -49,3 +49,17 @@ def test_engine_profiles_of_the_transformer_families(preset):
     shapes = input_profile_shapes(specs["transformer"], profiles["transformer"])
     low, opt, high = shapes["sample"]
     assert low[0] == 1 and high[0] == 4 and low[2] <= opt[2] <= high[2]
+
+
+def test_flux_in_float16_is_held_to_torchs_own_float16_error(tmp_path):
+    """FLUX.1's transformer in float16 differs from float32 by about 2.5% in torch itself (random weights), past
+    the fp16 bound of 2%; its graph passes when it adds at most FP16_MARGIN to that, measured on the same inputs."""
+    from diffrt.export import onnx_export as ox
+
+    pipe = diffrt.load("tiny-flux", device="cpu")
+    parity = export_onnx(pipe, tmp_path, precision="fp16", graphs=["transformer"])["graphs"]["transformer"]["parity"]
+    assert parity["torch_fp16_error"] > ox.PARITY_BOUNDS["fp16"]  # the model's own float16 error
+    assert parity["bound"] == ox.FP16_MARGIN * parity["torch_fp16_error"]
+    assert parity["max_rel_error"] <= parity["bound"]
+    vae = export_onnx(pipe, tmp_path / "vae", precision="fp16", graphs=["vae_decoder"])["graphs"]["vae_decoder"]
+    assert "torch_fp16_error" not in vae["parity"] and vae["parity"]["bound"] == ox.PARITY_BOUNDS["fp16"]

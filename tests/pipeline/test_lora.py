@@ -3,6 +3,7 @@ files fail before any weight changes."""
 
 import copy
 import logging
+import tempfile
 
 import diffusers
 import numpy as np
@@ -144,7 +145,14 @@ def test_fashion_lora_matches_diffusers(tmp_path):
     assert np.abs(images - reference).max() <= 1e-4
 
 
-def test_switching_equals_a_fresh_load_and_unloading_restores_bit_for_bit(tiny, tiny_loras):
+@pytest.mark.parametrize("in_a_file", [False, True])
+def test_switching_equals_a_fresh_load_and_unloading_restores_bit_for_bit(tiny, tiny_loras, in_a_file, monkeypatch,
+                                                                         caplog, tmp_path):  # fmt: skip
+    """``in_a_file``: the weights as loaded kept in a mapped file, as when a copy would not fit in memory (SDXL in
+    float32 on 24 GB); restoring from it is as exact."""
+    caplog.set_level(logging.INFO, logger="diffrt.lora")
+    monkeypatch.setattr(lora, "fits_in_memory", lambda size, device: not in_a_file)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ours = diffrt.load("tiny", device="cpu")
     base = ours(PROMPT, seed=1, **KW)
     weights = {k: v.clone() for k, v in ours.components.unet.state_dict().items()}
@@ -158,6 +166,7 @@ def test_switching_equals_a_fresh_load_and_unloading_restores_bit_for_bit(tiny, 
     assert ours.loras == {}
     assert all(torch.equal(v, weights[k]) for k, v in ours.components.unet.state_dict().items())
     assert np.array_equal(ours(PROMPT, seed=1, **KW), base)
+    assert ("kept in a mapped file" in caplog.text) == in_a_file and list(tmp_path.iterdir()) == []
 
 
 def test_onnxruntime_switches_without_reexport_and_matches_torch(tiny_loras, tmp_path):
