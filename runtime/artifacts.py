@@ -181,23 +181,28 @@ FILE_RECORD = {"file": str, "sha256": str, "bytes": int}
 MANIFEST_FIELDS = {"kind": str, "key": (str, type(None)), "precision": str, "model": dict, "graphs": dict}
 
 
+def checked_fields(record, spec: dict, where: str) -> dict:
+    """:func:`diffrt.checks.fields` for a record on disk: a malformed one is an ArtifactError."""
+    try:
+        return fields(record, spec, where)
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
+
+
 def check_manifest(manifest: dict, kind: str, where) -> None:
     """A manifest's fields that readers use, each of its JSON type, with the file and the field named; a file
     record's name a plain name in the folder (no path that leaves it)."""
-    try:
-        fields(manifest, MANIFEST_FIELDS, str(where))
-        fields(manifest["model"], {"hash": str, "name": (str, type(None))}, f"{where}: model")
-        for graph, record in manifest["graphs"].items():
-            fields(record, {"engine": dict} if kind == "tensorrt" else {"onnx": dict, "data": (dict, type(None))},
-                   f"{where}: graphs.{graph}")  # fmt: skip
-            for name, file in zip(("engine", "onnx", "data"), (record.get("engine"), record.get("onnx"),
-                                                               record.get("data")), strict=True):  # fmt: skip
-                if file is not None:
-                    fields(file, FILE_RECORD, f"{where}: graphs.{graph}.{name}")
-                    if Path(file["file"]).name != file["file"]:
-                        raise ValueError(f"{where}: graphs.{graph}.{name}.file {file['file']!r} is not a file name")
-    except ValueError as err:
-        raise ArtifactError(str(err)) from None
+    checked_fields(manifest, MANIFEST_FIELDS, str(where))
+    checked_fields(manifest["model"], {"hash": str, "name": (str, type(None))}, f"{where}: model")
+    for graph, record in manifest["graphs"].items():
+        checked_fields(record, {"engine": dict} if kind == "tensorrt" else {"onnx": dict, "data": (dict, type(None))},
+                       f"{where}: graphs.{graph}")  # fmt: skip
+        for name in ("engine", "onnx", "data"):
+            file = record.get(name)
+            if file is not None:
+                checked_fields(file, FILE_RECORD, f"{where}: graphs.{graph}.{name}")
+                if Path(file["file"]).name != file["file"]:
+                    raise ArtifactError(f"{where}: graphs.{graph}.{name}.file {file['file']!r} is not a file name")
 
 
 def valid_manifest(folder, kind: str) -> dict | None:

@@ -1,11 +1,11 @@
 """Values from users, checked once: numbers of any Python or JSON form, and prompts.
 
 Every number a call, a file header or a request body gives goes through :func:`number` or :func:`integer`,
-which take bools, ints of any size, floats (numpy's too) and strings alike and answer with a checked float or
-int, or a ValueError naming the setting, the value (a huge one shortened) and the bound. ``math.isfinite``
-alone raises OverflowError on a 400-digit int, and ``float()`` turns a bool into a number: neither reaches
-the settings. :func:`prompt_text` refuses text no tokenizer can encode (lone surrogates, which also come from a
-command line decoded with another encoding) and text longer than ``MAX_PROMPT_CHARS``.
+which take ints of any size and floats (numpy's too) and answer with a checked float or int, or a ValueError
+naming the setting, the value (a huge one shortened) and the bound; bools and strings are refused, not read.
+``math.isfinite`` alone raises OverflowError on a 400-digit int, and ``float()`` turns a bool into a number:
+neither reaches the settings. :func:`prompt_text` refuses text no tokenizer can encode (lone surrogates, which
+also come from a command line decoded with another encoding) and text longer than ``MAX_PROMPT_CHARS``.
 """
 
 from __future__ import annotations

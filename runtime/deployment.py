@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 from . import artifacts, families
-from .checks import fields
 from .components import Components, class_name
 from .files import atomic_write_bytes
 from .version import __version__
@@ -201,9 +200,9 @@ def open_deployment(folder) -> tuple[dict, dict]:
             f"load the model and pass onnx_dir={str(folder)!r} (transformer families are not deployable yet; "
             "U-Net exports made by diffrt export have one)"
         )
-    _checked_fields(record, {"format": int, "files": list}, f"{folder}/manifest.json: deployment")
+    artifacts.checked_fields(record, {"format": int, "files": list}, f"{folder}/manifest.json: deployment")
     for k, file in enumerate(record["files"]):
-        _checked_fields(file, artifacts.FILE_RECORD, f"{folder}/manifest.json: deployment.files[{k}]")
+        artifacts.checked_fields(file, artifacts.FILE_RECORD, f"{folder}/manifest.json: deployment.files[{k}]")
     if record["format"] > FORMAT:
         raise artifacts.ArtifactError(f"{folder} was deployed by diffrt {record.get('diffrt', '?')} (deployment "
                                       f"format {record.get('format')!r}); this diffrt {__version__} reads format "
@@ -258,24 +257,18 @@ TOKENIZER = {"file": str, "model_max_length": int, "pad_id": int, "pad_token": (
 
 def _check_record(deployment, where: Path) -> None:
     """deployment.json's fields, each of its type, naming the file and the field."""
-    _checked_fields(deployment, RECORD_FIELDS, str(where))
-    _checked_fields(deployment["denoiser"], {"part": str, **PART}, f"{where}: denoiser")
-    _checked_fields(deployment["vae"], PART, f"{where}: vae")
+    artifacts.checked_fields(deployment, RECORD_FIELDS, str(where))
+    artifacts.checked_fields(deployment["denoiser"], {"part": str, **PART}, f"{where}: denoiser")
+    artifacts.checked_fields(deployment["vae"], PART, f"{where}: vae")
     for k, encoder in enumerate(deployment["text_encoders"]):
-        _checked_fields(encoder, PART, f"{where}: text_encoders[{k}]")
-    _checked_fields(deployment["scheduler"], {**PART, "alphas_cumprod": (list, type(None))}, f"{where}: scheduler")
+        artifacts.checked_fields(encoder, PART, f"{where}: text_encoders[{k}]")
+    scheduler = {**PART, "alphas_cumprod": (list, type(None))}
+    artifacts.checked_fields(deployment["scheduler"], scheduler, f"{where}: scheduler")
     for k, tokenizer in enumerate(deployment["tokenizers"]):
-        _checked_fields(tokenizer, TOKENIZER, f"{where}: tokenizers[{k}]")
+        artifacts.checked_fields(tokenizer, TOKENIZER, f"{where}: tokenizers[{k}]")
     if deployment["family"] not in families.FAMILIES:
         raise artifacts.ArtifactError(f"{where}: family {deployment['family']!r} is not one of "
                                       f"{', '.join(families.FAMILIES)}")  # fmt: skip
-
-
-def _checked_fields(record, spec: dict, where: str) -> None:
-    try:
-        fields(record, spec, where)
-    except ValueError as err:
-        raise artifacts.ArtifactError(str(err)) from None
 
 
 def precision_dtype(folder) -> str:

@@ -15,7 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from ..checks import number
+from ..checks import integer, number
 
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 DIFFRT_FIELDS = ("seed", "steps", "sampler", "guidance", "negative_prompt", "lora")
@@ -81,9 +81,7 @@ class Limits:
 
     def check_settings(self) -> None:
         for name in ("max_prompt_chars", "max_steps", "max_images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            integer(name, getattr(self, name), 1)
         number("max_work", self.max_work, 0, low_open=True)
 
     def check(self, job: Job, defaults: dict) -> None:
