@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-from ..defaults import DEFAULT_MODEL
+from ..core.defaults import DEFAULT_MODEL
 from .harness import add_call_arguments, environment, fill_call_defaults, write_result
 
 KIND = "cache"
@@ -71,14 +71,14 @@ def fewer_steps(text: str | None, steps: int) -> list[int]:
 
 def cells(args, pipe) -> list[dict]:
     """The reference, the cache settings (parsed and checked against the model now) and the fewer-steps runs."""
-    from ..step_cache import parse
+    from ..core.step_cache import parse
 
-    kind = "transformer" if pipe.family.denoiser_part == "transformer" else "unet"
+    kind = "transformer" if pipe.model.denoiser_part == "transformer" else "unet"
     specs = args.cache or DEFAULT_CACHES[kind]
     found = [{"label": f"{args.steps} steps", "family": "reference", "steps": args.steps, "cache": None}]
     for spec in specs:
         config = parse(spec)
-        pipe.family.check_cache(pipe.components, config)
+        pipe.model.check_cache(config)
         found.append({"label": str(config), "family": "cache", "steps": args.steps, "cache": config})
     for n in fewer_steps(args.fewer_steps, args.steps):
         found.append({"label": f"{n} steps", "family": "fewer steps", "steps": n, "cache": None})
@@ -112,14 +112,16 @@ def time_cells(pipe, args, found: list[dict]) -> None:
 
 
 def score_cells(pipe, args, found: list[dict]) -> None:
+    from ..models.fashion import classifier as fashion_classifier
     from . import quality
 
-    classifier = quality.load_classifier()
-    reference = quality.load_reference(classifier=classifier)
+    classifier = fashion_classifier.load_classifier()
+    reference = fashion_classifier.load_reference(classifier=classifier)
     for cell in found:
         start = time.perf_counter()
         scores = quality.evaluate_pipeline(
-            pipe, per_class=args.samples // quality.NUM_CLASSES, seed=args.seed, batch_size=100, classifier=classifier,
+            pipe, per_class=args.samples // fashion_classifier.NUM_CLASSES, seed=args.seed, batch_size=100,
+            classifier=classifier,
             reference=reference, steps=cell["steps"], sampler=args.sampler, guidance=args.guidance,
             cache=cell["cache"],
         )  # fmt: skip

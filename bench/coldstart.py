@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..backend_spec import parse as parse_backend
+from ..core.backend_spec import parse as parse_backend
 from .harness import percentiles, write_result
 
 SETUPS = ("torch", "compile", "onnxruntime", "deployed")

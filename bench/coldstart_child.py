@@ -19,7 +19,7 @@ def main(source: str, backend: str, prompt: str, image: str, report: str, start:
     import contextlib
 
     import diffrt
-    from diffrt.backend_spec import parse as parse_backend
+    from diffrt.core.backend_spec import parse as parse_backend
 
     with diffrt.fast_start() if start == "fast" else contextlib.nullcontext():
         import torch  # noqa: F401  (timed here: every setup needs it)

@@ -1,7 +1,7 @@
 """``diffrt bench controlnet``: does a ControlNet make images follow their control, and keep to the prompt?
 
 For ``--samples`` held-out Fashion-MNIST test images (an equal share per class), the Canny edge map of each image
-is the control (:mod:`diffrt.fashion.edges`) and its class's prompt the text. Each image is generated twice from
+is the control (:mod:`diffrt.models.fashion.edges`) and its class's prompt the text. Each image is generated twice from
 the same seed: by the model with the ControlNet and by the model alone. Scores per arm:
 
 - edge agreement: the generated image's Canny edges against the control's, at each of the ``--tolerance``
@@ -83,8 +83,8 @@ def measure(args) -> dict:
     """``{"arms": {"without": scores, "with scale S": scores, ...}, "edge_f1_ratio": {arm: {tolN: ratio}}}``."""
     import diffrt
 
-    from ..fashion import captions
-    from ..fashion.edges import control_pictures, edge_maps, grey_uint8
+    from ..models.fashion import captions
+    from ..models.fashion.edges import control_pictures, edge_maps, grey_uint8
     from .quality import adherence
 
     images, labels = held_out(args.samples)

@@ -20,9 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..defaults import DEFAULT_MODEL, SCHEDULER
-from ..fingerprint import weights_digest
-from ..results import read_result, require_numbers
+from ..core.defaults import DEFAULT_MODEL, SCHEDULER
+from ..core.fingerprint import weights_digest
+from ..core.results import read_result, require_numbers
 from .harness import add_call_arguments, fill_call_defaults, write_result
 
 KIND = "fid"
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local diffusers folder "
                         f"(default: the default model, {DEFAULT_MODEL})")
     add_call_arguments(parser)
-    parser.add_argument("--cache", default=None, help="a step cache to gate (diffrt.step_cache), such as "
+    parser.add_argument("--cache", default=None, help="a step cache to gate (diffrt.core.step_cache), such as "
                         "deepcache:interval=3; default none")  # fmt: skip
     parser.add_argument("--controlnet", default=None, help="a ControlNet to gate with (fashion-controlnet): each image "
                         "takes the edges of a test image of its class as control")  # fmt: skip
@@ -58,15 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def weights_fingerprint(components) -> str:
-    """The denoiser's and VAE's weights fingerprint (:mod:`diffrt.fingerprint`): the baseline is tied to them."""
+    """The denoiser's and VAE's weights fingerprint (:mod:`diffrt.core.fingerprint`): the baseline is tied to them."""
     return weights_digest({components.denoiser_name: components.denoiser, "vae": components.vae})[:16]
 
 
 def measure(pipe, settings: dict) -> dict:
     """Generate and score ``settings['samples']`` images: adherence, domain FID and KID."""
+    from ..models.fashion import classifier as fashion_classifier
     from . import quality
 
-    per_class = settings["samples"] // quality.NUM_CLASSES
+    per_class = settings["samples"] // fashion_classifier.NUM_CLASSES
     if settings.get("workers"):
         scores = quality.score(*_batch_samples(settings, per_class))
         return _metrics(scores, settings)
@@ -120,7 +121,7 @@ def _batch_samples(settings: dict, per_class: int):
 
 def _controls(samples: int) -> dict:
     """Per class, the control pictures of its first test images (their Canny edges)."""
-    from ..fashion.edges import control_pictures, edge_maps
+    from ..models.fashion.edges import control_pictures, edge_maps
     from .controlnet import held_out
 
     images, labels = held_out(samples)
@@ -185,7 +186,7 @@ def _check_workers(args) -> None:
     if given:
         raise ValueError(f"--workers draws plain text-to-image rows through diffrt batch: it does not run with "
                          f"{' or '.join(given)}")  # fmt: skip
-    from ..optional import require
+    from ..core.optional import require
 
     require("ray", "pyarrow", feature="bench fid --workers")
 
@@ -205,7 +206,7 @@ def run(args) -> int:
 
         get(args.sampler)  # an unknown name fails here, before the slow part
     if args.cache is not None:
-        from ..step_cache import parse
+        from ..core.step_cache import parse
 
         args.cache = str(parse(args.cache))  # one spelling in the baseline; a bad spec fails before the slow part
     if args.workers is not None:

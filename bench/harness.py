@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: percentiles, the sampling arguments, and the result files (:mod:`diffrt.results`:
+"""Shared benchmark plumbing: percentiles, the sampling arguments, and the result files (:mod:`diffrt.core.results`:
 schema 1, environment stamp, atomic writes; its names are re-exported here).
 
 Light on purpose: benchmark commands import it to build the command line, which starts without torch.
@@ -6,8 +6,8 @@ Light on purpose: benchmark commands import it to build the command line, which 
 
 from __future__ import annotations
 
-from .. import defaults
-from ..results import SCHEMA, environment, write_result
+from ..core import defaults
+from ..core.results import SCHEMA, environment, write_result
 
 __all__ = ["CALL_SETTINGS", "SCHEMA", "add_call_arguments", "environment", "fill_call_defaults", "percentiles",
            "write_result"]  # fmt: skip

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..backend_spec import parse as parse_backend
+from ..core.backend_spec import parse as parse_backend
 from .harness import add_call_arguments, fill_call_defaults, percentiles, write_result
 
 STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")

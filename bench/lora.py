@@ -1,7 +1,7 @@
 """``diffrt bench lora``: what LoRAs cost per backend: loading, switching between two, unloading, and the
 denoiser step with an adapter merged against none (interleaved, one pipeline per backend).
 
-Every adapter is merged into the weights (:mod:`diffrt.lora`), so an active one should cost nothing per step on
+Every adapter is merged into the weights (:mod:`diffrt.models.lora`), so an active one should cost nothing per step on
 the torch-based backends; on onnxruntime a session that overrides a convolution's weight runs one optimization
 level lower (see ``OnnxRuntimeBackend.open_runner``), and the table says what that costs. For the torch backend
 the run also times PEFT's unmerged layers (the low-rank path diffusers runs) on the same U-Net, the alternative
@@ -88,7 +88,8 @@ def _unmerged_unet(pipe, args):
     """A copy of the U-Net with PEFT's unmerged LoRA layers for the first adapter (``y = W x + s B A x``, what
     diffusers runs): timed in the same rounds as the merged weights. None without peft, for a transformer
     family or for a file without PEFT's saved settings."""
-    from .. import lora, optional
+    from ..core import optional
+    from ..models import lora
 
     if not optional.installed("peft") or pipe.components.denoiser_name != "unet":
         return None
@@ -106,7 +107,7 @@ def _unmerged_unet(pipe, args):
 
 
 def _step_ms_with_unet(pipe, args, unet) -> float:
-    module = pipe.backend.modules[pipe.family.denoiser_part]
+    module = pipe.backend.modules[pipe.model.denoiser_part]
     original = module.unet
     module.unet = unet
     try:
@@ -145,8 +146,8 @@ def random_loras(model: str, rank: int, folder: Path, device: str, *, components
     import torch
     from safetensors.torch import save_file
 
-    from .. import families, presets
-    from ..loading import load_components
+    from ..models import families, presets
+    from ..models.loading import load_components
 
     if components is not None:
         part, denoiser = components.denoiser_name, components.denoiser

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ..results import write_result
+from ..core.results import write_result
 from .sampler_configs import nfe_of, select
 
 # samplers that suit each kind of model (the LCM student is a consistency model: only its own sampler)
@@ -29,10 +29,11 @@ def sweep(pipe, configs: dict, steps: list[int], samples: int, guidance: float, 
     """{label: {"steps", "nfe", "adherence", "fid", "kid_mean", "seconds_per_image"}} for every configuration."""
     from tqdm.auto import tqdm
 
+    from ..models.fashion import classifier as fashion_classifier
     from . import quality
 
-    classifier = quality.load_classifier()
-    reference = quality.load_reference(classifier=classifier)
+    classifier = fashion_classifier.load_classifier()
+    reference = fashion_classifier.load_reference(classifier=classifier)
     curves = {}
     cells = [(label, n) for label in configs for n in steps]
     with tqdm(total=len(cells), desc="samplers", disable=not progress) as bar:
@@ -41,7 +42,7 @@ def sweep(pipe, configs: dict, steps: list[int], samples: int, guidance: float, 
             for n in steps:
                 start = time.perf_counter()
                 scores = quality.evaluate_pipeline(
-                    pipe, per_class=samples // quality.NUM_CLASSES, seed=seed, classifier=classifier,
+                    pipe, per_class=samples // fashion_classifier.NUM_CLASSES, seed=seed, classifier=classifier,
                     reference=reference, batch_size=100, steps=n, sampler=name, guidance=guidance, **options,
                 )  # fmt: skip
                 curve["steps"].append(n)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..optional import require
-from ..results import write_result
+from ..core.optional import require
+from ..core.results import write_result
+from ..core.schedules import ve_grid
 from ..samplers import sample
-from ..schedules import ve_grid
 from .gmm import GaussianMixture, gmm_2d, gmm_64d
 from .sampler_configs import CallCounter, is_stochastic, parse_list, select, steps_for_nfe
 

@@ -7,7 +7,7 @@ A small CNN trained by the project on Fashion-MNIST (``diffrt train classifier``
   penultimate layer as the feature network. The real side is the 10k test images, stored as the metric's own
   state (feature sum and sum of outer products, KID feature rows) in a file beside the classifier weights,
   so no dataset is needed at run time. The classifier and that file are the domain's
-  (:mod:`diffrt.fashion.classifier`, shared with the trainer); their names are re-exported here.
+  (:mod:`diffrt.models.fashion.classifier`, shared with the trainer); their names are re-exported here.
 
 Images are float tensors [N, 3, 32, 32] in [0, 1] (what a pipeline returns with ``output_type="pt"``); the
 classifier averages the channels (the data is grayscale).
@@ -30,25 +30,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fashion import captions
-from ..fashion.classifier import (  # noqa: F401  (re-exported: the classifier's API, as before)
-    CONFIG_FILE,
-    DEFAULT_CLASSIFIER_DIR,
-    IMAGE_SHAPE,
+from ..models.fashion import captions
+from ..models.fashion.classifier import (
     NUM_CLASSES,
-    REFERENCE_FILE,
-    WEIGHTS_FILE,
     FashionClassifier,
     FeatureNet,
     batches,
     check_images,
     fid_metric,
-    fingerprint,
     load_classifier,
     load_reference,
-    reference_statistics,
-    save_classifier,
-    save_reference,
 )
 
 # --------------------------------------------------------------------------------------- adherence

@@ -152,7 +152,7 @@ def _last_error(log: Path, code: int) -> str:
 
 def skip_reason(path: str, model: str, rows: dict) -> str | None:
     """Why ``path`` cannot run on ``model`` now (a prerequisite failed, or the family has no such path)."""
-    from .. import presets
+    from ..models import presets
 
     family = presets.resolve(model).family
     if path == "controlnet" and family not in CONTROLNET_FAMILIES:
@@ -164,8 +164,8 @@ def skip_reason(path: str, model: str, rows: dict) -> str | None:
 
 
 def run(args) -> int:
-    from .. import presets
-    from ..optional import require
+    from ..core.optional import require
+    from ..models import presets
 
     require("psutil", feature="diffrt bench realsize")
     models = _model_list(args.models)
@@ -205,14 +205,14 @@ def run(args) -> int:
 
 
 def _size(model: str, args) -> int:
-    from .. import presets
+    from ..models import presets
 
     return args.size or MODELS.get(model, {}).get("size") or presets.resolve(model).default_size
 
 
 def earlier_rows(out) -> dict:
     """The models and rows of an earlier result file (none when there is no file yet)."""
-    from ..results import read_result
+    from ..core.results import read_result
 
     if not Path(out).is_file():
         return {}

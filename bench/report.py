@@ -11,9 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..files import TEMP_PREFIX
-from ..optional import require
-from ..results import read_result
+from ..core.files import TEMP_PREFIX
+from ..core.optional import require
+from ..core.results import read_result
 
 STAGES = ("text_encode_ms", "unet_step_ms", "vae_decode_ms", "total_ms")
 

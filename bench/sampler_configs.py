@@ -72,8 +72,8 @@ def is_stochastic(name: str, options: dict) -> bool:
     """Whether the configuration draws noise: two seeds on a 4-step grid give different results."""
     import torch
 
+    from ..core.schedules import ve_grid
     from ..samplers import sample
-    from ..schedules import ve_grid
 
     x = torch.ones(2, 2, dtype=torch.float64)
 
@@ -88,8 +88,8 @@ def nfe_of(name: str, options: dict, steps: int) -> int:
     """Model calls a sampler makes for ``steps`` steps (heun: 2 per step but the last), by counting."""
     import torch
 
+    from ..core.schedules import ve_grid
     from ..samplers import sample
-    from ..schedules import ve_grid
 
     counter = CallCounter(zero_denoiser)
     sample(name, counter, torch.zeros(1, 1, dtype=torch.float64), ve_grid(steps), **options)

@@ -45,7 +45,7 @@ def run(args) -> int:
         from . import oracle
 
         return oracle.run(args)
-    from ..embedded import NAMES as embedded
+    from ..models.embedded import NAMES as embedded
 
     if args.model not in embedded and not Path(args.model).is_dir():
         raise ValueError(f"unknown model {args.model!r}; allowed: {', '.join(ORACLES)} (oracle), "
@@ -54,21 +54,3 @@ def run(args) -> int:
 
     configs = select(args.samplers) if args.samplers else None
     return model_samplers.run(args, configs, parse_list(args.steps or model_samplers.DEFAULT_STEPS, "steps"))
-
-
-# Names this module had before the oracle and the sampler configurations got modules of their own; loaded on
-# first use (the oracle imports torch).
-_CONFIG_NAMES = ("CallCounter", "configurations", "is_stochastic", "steps_for_nfe")
-_ORACLE_NAMES = {"MARKERS": "MARKERS", "MODELS": "MIXTURES", "energy_distance": "energy_distance"}
-
-
-def __getattr__(name: str):
-    if name in _CONFIG_NAMES:
-        from . import sampler_configs
-
-        return getattr(sampler_configs, name)
-    if name in _ORACLE_NAMES:
-        from . import oracle
-
-        return {"gmm": oracle.MIXTURES} if name == "MODELS" else getattr(oracle, _ORACLE_NAMES[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

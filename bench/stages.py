@@ -17,7 +17,7 @@ STAGES = ("text_encoder", "unet", "vae_decoder")
 
 def stage_inputs(pipe, stage: str, batch: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs of one stage for ``batch`` images (the U-Net sees 2x: guidance's two halves)."""
-    spec = pipe.family.graph_specs(pipe.components)[stage]
+    spec = pipe.model.graph_specs()[stage]
     length = pipe.components.tokenizers[0].model_max_length
     n = 2 * batch if stage == "unet" else batch
     values = {"batch": n, "height": height, "width": width, "sequence": length}

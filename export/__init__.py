@@ -6,10 +6,11 @@ the cache (``$DIFFRT_CACHE`` or ``~/.cache/diffrt``) on first use. Names load la
 and ``diffrt --help`` start without importing torch.
 """
 
-from ..lazy import lazy_attributes
+from ..core.lazy import lazy_attributes
 
 _NAMES = {
-    "ArtifactError": "..artifacts", "default_cache_dir": "..artifacts", "model_hash": "..artifacts",
+    "ArtifactError": "..models.artifacts", "default_cache_dir": "..models.artifacts",
+    "model_hash": "..models.artifacts",
     "ExportError": ".onnx_export", "ensure_onnx": ".onnx_export", "export_onnx": ".onnx_export",
     "open_export": ".onnx_export",
     "Dim": ".specs", "GraphSpec": ".specs", "ShapeRanges": ".specs", "TensorSpec": ".specs", "graph_profile": ".specs",
@@ -19,6 +20,4 @@ _NAMES = {
 }  # fmt: skip
 __all__ = sorted(_NAMES)
 
-# moved to the benchmarks (it times pipelines; the export layer may not import them)
-_MOVED = {"stage_latency": "diffrt.bench.stages.stage_latency"}
-__getattr__ = lazy_attributes(__name__, _NAMES, _MOVED)
+__getattr__ = lazy_attributes(__name__, _NAMES)

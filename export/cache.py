@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import deployment
-from ..artifacts import MANIFEST, locked, read_manifest, valid_manifest, verify_graph
-from ..files import atomic_write_json
+from ..core.files import atomic_write_json
+from ..models import deployment
+from ..models.artifacts import MANIFEST, locked, read_manifest, valid_manifest, verify_graph
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def update(folder: Path, what: str, change: Callable[[dict], bool]) -> dict:
 
 
 def add_deployment(components, folder: Path, what: str) -> dict:
-    """Write what runs ``folder`` without the model (:mod:`diffrt.deployment`) and record it in the manifest;
+    """Write what runs ``folder`` without the model (:mod:`diffrt.models.deployment`) and record it in the manifest;
     a model that cannot be deployed keeps a graphs-only folder, with a log line saying why."""
     reason = deployment.unsupported(components)
     if reason is not None:

@@ -8,18 +8,17 @@ import copy
 import torch
 from torch import nn
 
-from .. import families
-from ..families.base import TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph  # noqa: F401  (earlier home)
-from ..graphspec import TORCH_DTYPES
+from ..core.graphspec import TORCH_DTYPES
+from ..models import families
 
 
 def graph_module(components, name: str, precision: str | None = None) -> nn.Module:
     """The module computing graph ``name``. With ``precision`` differing from the weights' dtype it works
     on a converted copy, so the pipeline's own modules are left as they are."""
-    family = families.of(components)
-    if name not in family.graph_names(components):
-        raise ValueError(f"unknown graph {name!r}; this model has {family.graph_names(components)}")
-    source = family.graph_source(components, name)
+    model = families.model(components)
+    if name not in model.graph_names():
+        raise ValueError(f"unknown graph {name!r}; this model has {model.graph_names()}")
+    source = model.graph_source(name)
     # the TorchScript exporter writes mistyped graphs for float16 SDPA with a mask (CLIP's causal one);
     # eager attention is plain ops, with the softmax in float32
     eager = name.startswith("text_encoder") and precision not in (None, "fp32")
@@ -27,7 +26,7 @@ def graph_module(components, name: str, precision: str | None = None) -> nn.Modu
         source = converted_copy(source, TORCH_DTYPES[precision])
         if eager:
             source.set_attn_implementation("eager")
-    return family.wrap_graph(components, name, source)
+    return model.wrap_graph(name, source)
 
 
 def converted_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:

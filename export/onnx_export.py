@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import artifacts, families
-from ..artifacts import file_record
-from ..backends.onnxruntime_backend import ort_session, session_options
-from ..families.base import PositionalGraph
+from ..models import artifacts, families
+from ..models.artifacts import file_record
+from ..models.families.base import PositionalGraph
 from . import cache, external_data
 from .modules import graph_module, run_module
 from .onnx_ops import torchscript_symbolics
+from .ort import ort_session, session_options
 from .specs import (
     PRECISIONS,
     ShapeRanges,
@@ -93,7 +93,7 @@ class OnnxSettings:
 # ------------------------------------------------------------------------------------------ public API
 def default_exporter(components, exporter: str | None) -> str:
     """``exporter``, or the model family's default when None (see the module docstring)."""
-    return exporter or families.of(components).onnx_exporter
+    return exporter or families.get(components.family).onnx_exporter
 
 
 def export_onnx(
@@ -103,7 +103,7 @@ def export_onnx(
     """Write one ONNX file per graph of ``pipe`` (a Pipeline or its Components) and ``manifest.json`` into
     ``out_dir``; return the manifest. Graphs already there for the same model and settings, with intact
     files, are kept unless ``force``. Once the folder holds every graph of a deployable model it also gets
-    its deployment record (:mod:`diffrt.deployment`): ``diffrt.load(out_dir, backend="onnxruntime")`` then runs
+    its deployment record (:mod:`diffrt.models.deployment`): ``diffrt.load(out_dir, backend="onnxruntime")`` then runs
     it alone."""
     components = getattr(pipe, "components", pipe)
     settings = OnnxSettings(precision, opset, default_exporter(components, exporter)).resolved()
@@ -136,9 +136,9 @@ def ensure_onnx(
 
 def export_memory(components, graph: str, settings: OnnxSettings) -> int:
     """Bytes an export of ``graph`` needs on top of the loaded model (EXPORTER_MEMORY)."""
-    from ..graphspec import TORCH_DTYPES
+    from ..core.graphspec import TORCH_DTYPES
 
-    source = families.of(components).graph_source(components, graph)
+    source = families.model(components).graph_source(graph)
     tensors = [*source.parameters(), *source.buffers()]
     weights = sum(t.numel() * (TORCH_DTYPES[settings.precision].itemsize if t.is_floating_point() else t.itemsize)
                   for t in tensors)  # fmt: skip
@@ -150,7 +150,7 @@ def fitting_exporter(components, settings: OnnxSettings, graphs: list[str], name
     """``settings``, once every graph's export fits in the memory this machine has available: with the default
     TorchScript exporter too large for a graph, the dynamo exporter instead (a log line says so); an exporter
     that was named, or dynamo, that does not fit is refused before anything is exported, with the numbers."""
-    from ..memory import available_bytes
+    from ..core.memory import available_bytes
 
     graphs = [g for g in graphs if g in graph_names(components)]  # unknown names are refused by the export itself
     if not graphs:
@@ -329,7 +329,7 @@ def _describe(spec, precision: str, ranges: ShapeRanges) -> dict:
 
 def _run_exporter(module, spec, inputs: dict, path: Path, settings: OnnxSettings) -> None:
     if settings.exporter == "dynamo":
-        from ..optional import require
+        from ..core.optional import require
 
         require("onnxscript", feature=f"exporting {spec.name} with the dynamo exporter")
     common = dict(input_names=spec.input_names, output_names=spec.output_names, opset_version=settings.opset)

@@ -1,4 +1,4 @@
-"""Artifact sources for the exported-graph backends (:class:`diffrt.artifacts.ArtifactSource`): the export
+"""Artifact sources for the exported-graph backends (:class:`diffrt.models.artifacts.ArtifactSource`): the export
 cache, which exports or builds on first use, in front of an optional folder made beforehand.
 
 ``diffrt.load(..., backend="onnxruntime" | "tensorrt")`` creates one from the backend's artifact options, so
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import artifacts
+from ..models import artifacts
 from .onnx_export import ensure_onnx
 from .specs import ShapeRanges
 from .trt_build import ensure_engines, onnx_precision_for

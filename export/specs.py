@@ -1,7 +1,7 @@
 """Export-side use of the graph specs: the shape ranges an export or engine covers and its profiles.
 
-The specs themselves (:class:`~diffrt.graphspec.GraphSpec`: names, dims, dtypes) are the model family's
-(:mod:`diffrt.families`); they drive the ONNX export (names, dynamic axes, sample inputs), the TensorRT
+The specs themselves (:class:`~diffrt.core.graphspec.GraphSpec`: names, dims, dtypes) are the model family's
+(:mod:`diffrt.models.families`); they drive the ONNX export (names, dynamic axes, sample inputs), the TensorRT
 optimization profiles built here (min/opt/max shapes) and the exported-graph backends' input checks. The spec
 names below stay importable from this module.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import families
-from ..families import unet_control
-from ..graphspec import PRECISIONS, TORCH_DTYPES, VARIABLES, Dim, GraphSpec, TensorSpec
+from ..core.graphspec import PRECISIONS, TORCH_DTYPES, VARIABLES, Dim, GraphSpec, TensorSpec
+from ..models import families
+from ..models.families import unet_control
 
 __all__ = ["PRECISIONS", "TORCH_DTYPES", "VARIABLES", "Dim", "GraphSpec", "ShapeRanges", "TensorSpec", "graph_names",
            "graph_profile", "graph_specs", "input_profile_shapes", "pixel_multiple"]  # fmt: skip
@@ -39,7 +39,7 @@ class ShapeRanges:
 
     def resolved(self, components) -> ShapeRanges:
         size = pixel_multiple(components)
-        default = families.of(components).default_size(components)
+        default = families.model(components).default_size()
         pixels = (size, default, max(default * 2, size))
         length = _sequence_length(components)
         ranges = ShapeRanges(
@@ -64,11 +64,11 @@ def _check_range(var: str, triple) -> None:
 
 def pixel_multiple(components) -> int:
     """Image sizes the exported U-Net runs at (the family's size multiple)."""
-    return families.of(components).size_multiple(components)
+    return families.model(components).size_multiple()
 
 
 def _sequence_length(components) -> int:
-    return families.of(components).sequence_length(components)
+    return families.model(components).sequence_length()
 
 
 def graph_profile(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, tuple[int, int, int]]:
@@ -100,9 +100,9 @@ def input_profile_shapes(spec: GraphSpec, profile: dict[str, tuple[int, int, int
 
 
 def graph_names(components) -> list[str]:
-    return families.of(components).graph_names(components)
+    return families.model(components).graph_names()
 
 
 def graph_specs(components) -> dict[str, GraphSpec]:
     """The specs of every graph of ``components``, by graph name (the family's)."""
-    return families.of(components).graph_specs(components)
+    return families.model(components).graph_specs()

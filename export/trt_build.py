@@ -23,18 +23,15 @@ from pathlib import Path
 
 import torch
 
-from .. import artifacts
-from ..artifacts import file_record
-from ..backends.tensorrt_backend import (  # noqa: F401  (INSTALL_HINT, refit_engine: also this module's API)
-    ENGINE_PRECISIONS,
-    INSTALL_HINT,
-    check_precision,
-    import_tensorrt,
-    refit_engine,
-)
+from ..models import artifacts
+from ..models.artifacts import file_record
 from . import cache
 from .onnx_export import ExportError, ensure_onnx, export_onnx, open_export
 from .specs import ShapeRanges, graph_names, graph_profile, graph_specs, input_profile_shapes
+from .tensorrt import (
+    check_precision,
+    import_tensorrt,
+)
 
 log = logging.getLogger(__name__)
 

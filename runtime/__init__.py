@@ -1,9 +1,9 @@
 """diffrt: an inference runtime and benchmark suite for diffusion models."""
 
-from .startup import fast_start
-from .version import __version__
+from .core.startup import fast_start
+from .core.version import __version__
 
-__all__ = ["__version__", "fast_start", "load"]
+__all__ = ["Pipeline", "__version__", "fast_start", "load"]
 
 
 def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precision: str = "auto", **backend_options):
@@ -13,3 +13,11 @@ def load(source, *, device=None, dtype=None, backend: str = "torch", vae_precisi
 
     return load_pipeline(source, device=device, dtype=dtype, backend=backend, vae_precision=vae_precision,
                          **backend_options)  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name == "Pipeline":  # imported on first use: ``import diffrt`` does not import torch
+        from .pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

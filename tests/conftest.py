@@ -1,4 +1,10 @@
-"""Shared test setup: marker skips (gpu, tensorrt, slow) and the Triton interpreter on CPU-only machines."""
+"""Shared test setup: the test tiers, marker skips (gpu, tensorrt, slow) and the Triton interpreter on CPU-only
+machines.
+
+Every test has one tier: its own marker, else its module's in ``MODULE_TIERS``, else ``unit``.
+``python -m pytest -q -m unit`` is the inner loop (under 2 minutes on 2 cores); ``python -m pytest -q`` runs
+every tier, as CI does. ``slow`` comes on top of a tier (skipped without ``--runslow``).
+"""
 
 import importlib.util
 import os
@@ -41,6 +47,35 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+TIERS = ("unit", "integration", "gates", "serve")
+MODULE_TIERS = {  # paths under tests/; a folder ends with "/"
+    # integration: real models, exports, compiles, trainers, subprocesses, the Triton interpreter at size
+    "export/test_onnx_export.py": "integration", "export/test_dit_export.py": "integration",
+    "export/test_cache.py": "integration", "export/test_deployment.py": "integration",
+    "export/test_onnxruntime_backend.py": "integration", "export/test_cli_export.py": "integration",
+    "pipeline/test_folder_fidelity.py": "integration", "pipeline/test_memory.py": "integration",
+    "pipeline/test_aot_packages.py": "integration", "pipeline/test_triton_backend.py": "integration",
+    "pipeline/test_compile_backend.py": "integration", "pipeline/test_controlnet.py": "integration",
+    "pipeline/test_lora.py": "integration", "pipeline/test_noise.py": "integration",
+    "embedded/": "integration", "train/test_cli_train.py": "integration", "train/test_trainers.py": "integration",
+    "train/test_ship.py": "integration",
+    "kernels/test_dit_kernels.py": "integration", "kernels/test_dit_patch.py": "integration",
+    "kernels/test_group_norm.py": "integration", "kernels/test_compile_gpu.py": "integration",
+    "bench/test_gpu_suite.py": "integration", "bench/test_realsize.py": "integration",
+    "bench/test_bench_controlnet.py": "integration", "bench/test_coldstart.py": "integration",
+    # gates: the FID/KID quality gates
+    "bench/test_fid_gate.py": "gates",
+    # serve: a Ray cluster, servers on 127.0.0.1, Chromium
+    "serve/test_server.py": "serve", "serve/test_batch.py": "serve", "serve/test_hardening.py": "serve",
+}  # fmt: skip
+
+
+def tier_of(path: Path) -> str:
+    """The tier of the tests in ``path`` that carry no tier marker of their own."""
+    relative = path.resolve().relative_to(REPO_ROOT / "tests").as_posix()
+    return MODULE_TIERS.get(relative) or MODULE_TIERS.get(relative.split("/")[0] + "/") or "unit"
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
@@ -48,6 +83,8 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     has_trt = importlib.util.find_spec("tensorrt") is not None
     for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(getattr(pytest.mark, tier_of(item.path)))
         if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none on this machine"))
         if "tensorrt" in item.keywords and not (has_trt and _HAS_CUDA):

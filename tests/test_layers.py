@@ -1,19 +1,21 @@
 """The package's imports go one way: no cycles, no upward import, no private name imported across modules.
 
 Every ``import`` in the package is read with ``ast`` (function-level ones included) and resolved to the diffrt
-module it names. A lazy package ``__init__`` that loads modules by name (``diffrt.lazy.lazy_attributes`` or
+module it names. A lazy package ``__init__`` that loads modules by name (``diffrt.core.lazy.lazy_attributes`` or
 ``importlib.import_module``) counts as importing each module named, relative to it, in one of its strings
 (``".onnx_export"``, ``"..artifacts"``); anywhere else a dynamic import is refused, since this test could not
 see what it loads.
 
-Layers, lowest first (a module may import its own layer and the layers below):
-  0 core      schedules, denoisers, samplers, text (tokenization) and small shared helpers
-  1 runtime   components, model families, sources (folders, presets, embedded models), the pipeline, backends,
-              CUDA-graph capture, the exported-artifact reader, the Fashion-MNIST domain
-  2 export    ONNX / TensorRT export, Triton kernels and their module patcher
-  3 assembly  ``diffrt.load``: a source and a backend with what it needs from the export and kernel layers
-  4 tools     benchmarks, training, serving and batch generation on Ray
-  5 cli       the command line
+Layers are folders, lowest first (a module may import its own layer and the layers below):
+  0 core       ``diffrt.core``, ``diffrt.samplers``: schedules, samplers, denoisers, tokenization, checks, helpers
+  1 models     ``diffrt.models``: components, families, sources, adapters (LoRA, inversion), ControlNets
+  2 libraries  ``diffrt.kernels``, ``diffrt.export``: Triton kernels and their patcher, ONNX / TensorRT export
+  3 backends   ``diffrt.backends``: run the graphs; each builds what it needs from the libraries
+  4 pipeline   ``diffrt.pipeline``: requests, the denoising loop, outputs
+  5 assembly   ``diffrt`` (its ``__init__``) and ``diffrt.api``: ``diffrt.load``
+  6 tools      ``diffrt.bench``, ``diffrt.train``, ``diffrt.serve``
+  7 cli        ``diffrt.cli``: argument parsing only
+A module's layer is that of the longest folder prefix above; a module in no folder of the table is a failure.
 """
 
 from __future__ import annotations
@@ -26,20 +28,17 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CORE = ("diffrt.version", "diffrt.lazy", "diffrt.schedules", "diffrt.denoisers", "diffrt.samplers", "diffrt.text",
-        "diffrt.files", "diffrt.results", "diffrt.fingerprint", "diffrt.defaults", "diffrt.devices",
-        "diffrt.optional", "diffrt.checksums", "diffrt.startup", "diffrt.backend_spec", "diffrt.checks")  # fmt: skip
-RUNTIME = ("diffrt.components", "diffrt.families", "diffrt.graphspec", "diffrt.loading", "diffrt.folders",
-           "diffrt.presets", "diffrt.embedded", "diffrt.minilm", "diffrt.fashion", "diffrt.pipeline",
-           "diffrt.request", "diffrt.images", "diffrt.timing", "diffrt.backends", "diffrt.graphs",
-           "diffrt.artifacts", "diffrt.memory", "diffrt.outputs", "diffrt.step_cache", "diffrt.deployment",
-           "diffrt.lora", "diffrt.inversion", "diffrt.control")  # fmt: skip
-EXPORT = ("diffrt.export", "diffrt.kernels")
-ASSEMBLY = ("diffrt.api",)
-TOOLS = ("diffrt.bench", "diffrt.train", "diffrt.serve")
-CLI = ("diffrt.cli", "diffrt.export.cli", "diffrt.train.cli")
-LAYERS = (CORE, RUNTIME, EXPORT, ASSEMBLY, TOOLS, CLI)
-LAYER_NAMES = ("core", "runtime", "export", "assembly", "tools", "cli")
+FOLDERS = {
+    "diffrt.core": "core", "diffrt.samplers": "core",
+    "diffrt.models": "models",
+    "diffrt.kernels": "libraries", "diffrt.export": "libraries",
+    "diffrt.backends": "backends",
+    "diffrt.pipeline": "pipeline",
+    "diffrt": "assembly", "diffrt.api": "assembly",
+    "diffrt.bench": "tools", "diffrt.train": "tools", "diffrt.serve": "tools",
+    "diffrt.cli": "cli",
+}  # fmt: skip
+LAYER_NAMES = ("core", "models", "libraries", "backends", "pipeline", "assembly", "tools", "cli")
 
 
 def package_dirs() -> dict[str, Path]:
@@ -65,17 +64,12 @@ def modules() -> dict[str, Path]:
 
 
 def layer(module: str) -> int:
-    """The layer of a module: the longest prefix listed in LAYERS (the CLI modules of export/train win)."""
-    best, best_len = None, -1
-    for index, prefixes in enumerate(LAYERS):
-        for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
-                best, best_len = index, len(prefix)
-    if module == "diffrt":
-        return LAYERS.index(ASSEMBLY)  # the package's __init__: `diffrt.load` and the version
-    if best is None:
-        raise AssertionError(f"{module} is in no layer: add it to tests/test_layers.py")
-    return best
+    """The layer of a module: that of the longest folder prefix in FOLDERS (``diffrt`` itself only for the
+    package's ``__init__``: a module directly in ``runtime/`` other than ``api`` has no layer)."""
+    prefixes = [p for p in FOLDERS if module == p or (p != "diffrt" and module.startswith(p + "."))]
+    if not prefixes:
+        raise AssertionError(f"{module} is in no layer folder: put it in one of {sorted(set(FOLDERS))}")
+    return LAYER_NAMES.index(FOLDERS[max(prefixes, key=len)])
 
 
 def _resolve(module: str, is_package: bool, level: int, name: str | None) -> str:
@@ -87,7 +81,7 @@ def _resolve(module: str, is_package: bool, level: int, name: str | None) -> str
 
 
 DYNAMIC_IMPORTS = ("import_module", "lazy_attributes")
-LAZY_HELPER = "diffrt.lazy"  # the one module that imports by name, for the package __init__ files that call it
+LAZY_HELPER = "diffrt.core.lazy"  # the one module that imports by name, for the package __init__ files that call it
 
 
 def _called(call: ast.Call) -> str | None:
@@ -234,15 +228,15 @@ def test_imports_go_one_way_without_cycles_or_private_names():
 def test_the_checker_sees_function_level_upward_imports_and_cycles(tmp_path):
     """The checker itself: a function-level upward import and a two-module cycle are both reported."""
     (tmp_path / "a.py").write_text("def f():\n    from diffrt.bench import harness\n")
-    assert imports("diffrt.schedules", tmp_path / "a.py", {"diffrt.bench.harness"}) == [
+    assert imports("diffrt.core.schedules", tmp_path / "a.py", {"diffrt.bench.harness"}) == [
         ("diffrt.bench.harness", None, 2)
     ]
-    assert layer("diffrt.bench.harness") > layer("diffrt.schedules")
+    assert layer("diffrt.bench.harness") > layer("diffrt.core.schedules")
     lazy = tmp_path / "pkg" / "__init__.py"
     lazy.parent.mkdir()
     lazy.write_text("from ..lazy import lazy_attributes\n"
                     "__getattr__ = lazy_attributes(__name__, {'f': '..bench.fid'})\n")  # fmt: skip
-    assert ("diffrt.bench.fid", None, 2) in imports("diffrt.samplers", lazy, {"diffrt.bench.fid", "diffrt.lazy"})
+    assert ("diffrt.bench.fid", None, 2) in imports("diffrt.samplers", lazy, {"diffrt.bench.fid", "diffrt.core.lazy"})
     graph = {"diffrt.x": {"diffrt.y"}, "diffrt.y": {"diffrt.x"}, "diffrt.z": {"diffrt.x"}}
     assert cycles(graph) == [["diffrt.x", "diffrt.y"]]
     assert _cycle_through(["diffrt.x", "diffrt.y"], graph) == ["diffrt.x", "diffrt.y", "diffrt.x"]

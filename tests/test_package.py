@@ -1,5 +1,5 @@
 """What the package promises about its own shape: a light start, a wheel that holds every subpackage, and
-earlier import paths that keep working after the architecture rework (issue 12)."""
+the public import paths (the shims of earlier paths were removed in issue 36: CHANGELOG.md)."""
 
 from __future__ import annotations
 
@@ -31,51 +31,23 @@ def test_every_subpackage_is_listed_for_the_wheel():
     assert found == listed, f"listed but missing, or present but unlisted: {sorted(found ^ listed)}"
 
 
-EARLIER_NAMES = [  # (earlier module, name) -> (where it lives now, name)
-    (("diffrt.export.artifacts", "model_hash"), ("diffrt.artifacts", "model_hash")),
-    (("diffrt.export.artifacts", "atomic_write_json"), ("diffrt.files", "atomic_write_json")),
-    (("diffrt.export.modules", "UNetGraph"), ("diffrt.families.base", "UNetGraph")),
-    (("diffrt.export.onnx_export", "session_options"), ("diffrt.backends.onnxruntime_backend", "session_options")),
-    (("diffrt.pipeline", "resolve_device_dtype"), ("diffrt.devices", "resolve_device_dtype")),
-    (("diffrt.pipeline", "OUTPUT_TYPES"), ("diffrt.images", "OUTPUT_TYPES")),
-    (("diffrt.samplers.base", "register"), ("diffrt.samplers.registry", "register")),
-    (("diffrt.bench.samplers", "steps_for_nfe"), ("diffrt.bench.sampler_configs", "steps_for_nfe")),
-    (("diffrt.bench.samplers", "energy_distance"), ("diffrt.bench.oracle", "energy_distance")),
-    (("diffrt.train.text", "load_text_encoder"), ("diffrt.minilm", "load_text_encoder")),
-    (("diffrt.loading", "Components"), ("diffrt.components", "Components")),
-]
-
-
-@pytest.mark.parametrize(("earlier", "now"), EARLIER_NAMES, ids=lambda pair: ".".join(pair))
-def test_earlier_import_paths_still_give_the_same_objects(earlier, now):
-    import importlib
-
-    assert getattr(importlib.import_module(earlier[0]), earlier[1]) is getattr(importlib.import_module(now[0]), now[1])
-
-
-def test_earlier_tables_are_read_off_the_families():
-    from diffrt import loading
-
-    assert loading.FAMILIES["StableDiffusionXLInpaintPipeline"] == "sdxl"
-    assert loading.FAMILIES["LatentConsistencyModelPipeline"] == "sd"
-    assert loading.TEXT_ENCODER_CLASSES == ("CLIPTextModel", "CLIPTextModelWithProjection", "BertModel",
-                                            "T5EncoderModel")
-
-
-def test_names_moved_above_their_old_layer_say_where_they_went():
-    import diffrt.export
+def test_the_public_import_paths_stay():
+    """What users import: ``diffrt.load``, ``diffrt.Pipeline`` (loaded on first use, so ``import diffrt`` stays
+    light), ``diffrt.samplers`` and ``diffrt.pipeline.Pipeline``."""
+    import diffrt
     import diffrt.pipeline
+    from diffrt import samplers
 
-    with pytest.raises(AttributeError, match=r"moved to diffrt\.bench\.stages\.stage_latency"):
-        diffrt.export.stage_latency  # noqa: B018
-    with pytest.raises(AttributeError, match=r"moved to diffrt\.api\.load"):
-        diffrt.pipeline.load_pipeline  # noqa: B018
-    with pytest.raises(ImportError, match=r"moved to diffrt\.bench\.stages"):
-        import diffrt.export.bench  # noqa: F401
+    assert diffrt.Pipeline is diffrt.pipeline.Pipeline and callable(diffrt.load)
+    assert {"sample", "prepare", "run", "from_diffusers", "available"} <= set(samplers.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        diffrt.nothing  # noqa: B018
 
 
 def test_the_clis_light_lists_match_the_registries():
-    from diffrt import backends, defaults, embedded
+    from diffrt import backends
+    from diffrt.core import defaults
+    from diffrt.models import embedded
 
     assert tuple(backends.names()) == defaults.BACKENDS
     assert embedded.NAMES == defaults.EMBEDDED_MODELS
@@ -97,3 +69,12 @@ def test_python_started_in_the_repository_root_still_gets_hugging_faces_kernels(
     assert proc.returncode == 0, proc.stderr[-2000:]
     hub, ours = proc.stdout.split()
     assert not hub.startswith(str(ROOT)) and ours == str(ROOT / "kernels" / "__init__.py")
+
+
+def test_the_tier_table_names_test_files_that_exist():
+    from tests.conftest import MODULE_TIERS, TIERS
+
+    tests = ROOT / "tests"
+    assert set(MODULE_TIERS.values()) <= set(TIERS)
+    missing = [path for path in MODULE_TIERS if not (tests / path).exists()]
+    assert not missing, f"tests/conftest.py names test files that are not there: {missing}"

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import key_hash
-from ..checks import fields
-from ..families.base import PositionalGraph
-from ..files import atomic_write_json, clean_leftovers, temp_prefix
-from ..graphspec import Dim
+from ..core.checks import fields
+from ..core.files import atomic_write_json, clean_leftovers, temp_prefix
+from ..core.graphspec import Dim
+from ..models.artifacts import key_hash
+from ..models.families.base import PositionalGraph
 
 log = logging.getLogger(__name__)
 

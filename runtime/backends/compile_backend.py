@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import architecture, key_hash, resolve_cache_dir, safe_name
-from ..files import atomic_write_bytes
+from ..core.files import atomic_write_bytes
+from ..models.artifacts import architecture, key_hash, resolve_cache_dir, safe_name
 from .aot import AotGraph, inductor_configs
-from .base import check_options
 from .torch_backend import TorchBackend
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -71,7 +70,7 @@ class CompileBackend(TorchBackend):
             use_inductor_cache(resolve_cache_dir(cache_dir) / "compile" / "inductor")
         self.reused = load_artifacts(self.artifact_dir) if persist and not aot else 0
         # the denoiser (the family's: unet or transformer), its ControlNets and the VAE decoder
-        compiled = (self.family.denoiser_part, *self.family.control_graphs(components), "vae_decoder")
+        compiled = (self.model.denoiser_part, *self.model.control_graphs(), "vae_decoder")
         self.compiled = {name: self._compile(name) for name in compiled}
         self._compiled_for: set[tuple] = set()  # (graph, dtype, first input's shape) already compiled
         self._pieces: dict[tuple[str, str], object] = {}  # step caches' passes, compiled on first use
@@ -184,5 +183,4 @@ def load_artifacts(folder: Path) -> int:
 
 
 def create(components, device, dtype, **options) -> CompileBackend:
-    check_options("compile", options, OPTIONS)
     return CompileBackend(components, device, dtype, **options)

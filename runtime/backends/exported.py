@@ -1,6 +1,7 @@
 """What the exported-graph backends (onnxruntime, tensorrt) share: graph folders from an
-:class:`~diffrt.artifacts.ArtifactSource` per precision, one runner per graph opened from them, input checks
-against the specs, and the float32 VAE fallback.
+an artifact source per precision (an object whose ``folder(precision, graphs)`` returns a verified
+``(path, manifest)``: the export cache's, or a deployed folder's), one runner per graph opened from them, input
+checks against the specs, and the float32 VAE fallback.
 
 The VAE encoder (image-to-image only) opens on first use; everything else opens at load, so a broken or
 missing artifact is reported by ``diffrt.load``, not by the first call.
@@ -12,22 +13,23 @@ from pathlib import Path
 
 import torch
 
-from .. import families, lora
-from ..families.base import VAE_GRAPHS
+from ..models import deployment, families, lora
+from ..models.families.base import VAE_GRAPHS
+from .base import Backend
 
 
-class ExportedBackend:
+class ExportedBackend(Backend):
     """Subclasses set ``name`` and implement ``open_runner(folder, manifest, graph)``: an object whose
     ``run(inputs) -> outputs`` runs one graph."""
 
     name = "exported"
+    writes_weights = True  # into the graphs' initializers (onnxruntime overrides them, tensorrt refits)
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype, artifacts, precision: str):
         self.components, self.device, self.dtype = components, device, dtype
         self.artifacts, self.precision = artifacts, precision
-        self.specs = families.of(components).graph_specs(components)
+        self.specs = families.model(components).graph_specs()
         self.vae_precision = precision
-        self.loop_capture = None
         self._folders: dict[str, tuple[Path, dict]] = {}
         self._runners: dict[str, object] = {}
         self._initializers: dict[str, InitializerIndex] = {}
@@ -154,3 +156,15 @@ def _content_key(array) -> tuple:
     import hashlib
 
     return array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).digest()
+
+
+def artifact_source(components, kind: str, options: dict):
+    """A deployed folder's own graphs (verified at load), or None: the backend then exports through the cache.
+    The options that say where graphs come from belong to the folder then, so none may be given."""
+    if not components.deployed:
+        return None
+    given = sorted(set(options) - {"cache_dir"})
+    if given:
+        raise ValueError(f"{components.path} is a deployed export: its graphs are its own, so {', '.join(given)} "
+                         "cannot be given")  # fmt: skip
+    return deployment.FolderSource(components.path, components.deployed)

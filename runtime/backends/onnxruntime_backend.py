@@ -1,9 +1,9 @@
 """The ONNX Runtime backend: the pipeline's graphs exported to ONNX and run in ONNX Runtime sessions.
 
 Graph inputs and outputs are the family's graph specs, as for every backend, so the Pipeline is unchanged.
-The graphs come from an :class:`~diffrt.artifacts.ArtifactSource` (``artifacts=``): ``diffrt.load`` gives one
-that reads the export cache (exporting on first use) or a folder ``export_onnx`` wrote (``onnx_dir=``); their
-hashes are checked before a session loads them.
+The graphs come from the export cache (exporting on first use, :class:`diffrt.export.sources.OnnxSource`), a
+folder ``export_onnx`` wrote (``onnx_dir=``) or a deployed folder's own; their hashes are checked before a
+session loads them.
 
 Providers: the TensorRT, CUDA and CPU execution providers, in that order, from those installed (CPU only
 for device "cpu"), or the list given as ``providers=``; ``provider_options={"cuda": {...}}`` adds or
@@ -11,8 +11,8 @@ overrides ONNX Runtime provider options. On CUDA the inputs and outputs are boun
 buffers (IO binding), so latents never leave the GPU.
 
 Options (``diffrt.load(..., backend="onnxruntime", **options)``): providers, provider_options, precision
-("fp32"/"fp16"; default from dtype), threads, cache_dir; and for the artifact source cache_dir, onnx_dir, opset,
-exporter (:data:`ARTIFACT_OPTIONS`).
+("fp32"/"fp16"; default from dtype), threads, cache_dir; and where the graphs come from: onnx_dir, opset,
+exporter (:data:`SOURCE_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .. import optional
-from ..artifacts import ArtifactError, resolve_cache_dir
-from .base import check_options
-from .exported import ExportedBackend
+from ..core import optional
+from ..export.ort import ort_session, session_options
+from ..models.artifacts import ArtifactError, resolve_cache_dir
+from .exported import ExportedBackend, artifact_source
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutio
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _DTYPE_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
-OPTIONS = ("providers", "precision", "threads", "provider_options", "cache_dir")
-ARTIFACT_OPTIONS = ("cache_dir", "onnx_dir", "opset", "exporter")  # what diffrt.load gives the artifact source
+SOURCE_OPTIONS = ("cache_dir", "onnx_dir", "opset", "exporter")  # where the graphs come from (OnnxSource's)
+OPTIONS = ("providers", "precision", "threads", "provider_options", *SOURCE_OPTIONS)
 
 
 def is_available() -> tuple[bool, str]:
@@ -175,33 +175,8 @@ def _numpy_type(dtype: torch.dtype):
 ARENA_LIMIT = 1_000_000_000  # weights past which a CPU session's activations decide its memory, not its speed
 
 
-def session_options(threads: int | None = None):
-    """ONNX Runtime session options for running beside torch in one process."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # ORT's warnings (e.g. fp16 constant folding on the CPU) are noise here
-    # ORT's idle threads otherwise spin after each run and starve torch's sampler ops between U-Net calls
-    # (measured: torch 50x slower on 2 cores)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
-
-def ort_session(path, providers=("CPUExecutionProvider",), options=None, provider_options=None):
-    """An ONNX Runtime session; a file that is no ONNX model is a clear error."""
-    import onnxruntime as ort
-
-    options = options or session_options()
-    try:
-        return ort.InferenceSession(str(path), options, providers=list(providers), provider_options=provider_options)
-    except Exception as err:  # onnxruntime raises its own exception types per failure
-        raise ArtifactError(f"{path} could not be loaded as an ONNX model: {type(err).__name__}: {err}") from err
-
-
 class OnnxRuntimeBackend(ExportedBackend):
+    adds_tokens = True  # token_table overrides the exported embedding table
     name = "onnxruntime"
 
     def __init__(
@@ -260,7 +235,7 @@ class OnnxRuntimeBackend(ExportedBackend):
         allocated and grows by chunks: FLUX.1's transformer at 1024x1024 (4608 tokens) beside its torch model
         reached 24.5 GB in its second call on a 24 GB machine and was killed; 19.7 GB at most without the arena
         (bench realsize). So graphs of more than ``ARENA_LIMIT`` bytes of weights allocate from the system."""
-        from ..memory import available_bytes
+        from ..core.memory import available_bytes
 
         if self.device.type != "cpu":
             return
@@ -326,8 +301,11 @@ class OnnxRuntimeBackend(ExportedBackend):
         return self.runner(graph).provider
 
 
-def create(components, device, dtype, *, artifacts=None, **options) -> OnnxRuntimeBackend:
-    check_options("onnxruntime", options, OPTIONS)
-    if artifacts is None:
-        raise ValueError("the onnxruntime backend needs artifacts= (an ArtifactSource); diffrt.load gives one")
-    return OnnxRuntimeBackend(components, device, dtype, artifacts=artifacts, **options)
+def create(components, device, dtype, **options) -> OnnxRuntimeBackend:
+    """The backend over the model's ONNX graphs: a deployed folder's own, else exported through the cache."""
+    from ..export.sources import OnnxSource
+
+    source = {k: options.pop(k) for k in SOURCE_OPTIONS[1:] if k in options}
+    source = artifact_source(components, "onnx", source) or OnnxSource(
+        components, cache_dir=options.get("cache_dir"), **source)
+    return OnnxRuntimeBackend(components, device, dtype, artifacts=source, **options)

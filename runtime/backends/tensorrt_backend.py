@@ -1,12 +1,10 @@
 """The TensorRT backend: engines built from the ONNX exports, run on torch's CUDA stream with named buffers.
 
-Graph inputs and outputs are the family's graph specs. Engines come from an
-:class:`~diffrt.artifacts.ArtifactSource` (``artifacts=``): ``diffrt.load`` gives one that reads the engine
-cache (building on first use, :mod:`diffrt.export.trt_build`) or a folder ``build_engines`` wrote
-(``engine_dir=``). Each call
-binds torch tensors by name (``set_tensor_address``) and enqueues on the current stream: no host copies and
-no syncs. With ``cuda_graphs=True`` each input shape gets its own execution context, captured once as a
-CUDA graph and replayed. ``tensorrt`` is imported only when the backend is created.
+Graph inputs and outputs are the family's graph specs. Engines come from the engine cache (built on first use,
+:class:`diffrt.export.sources.EngineSource`), a folder ``build_engines`` wrote (``engine_dir=``) or a deployed
+folder's own. Each call binds torch tensors by name (``set_tensor_address``) and enqueues on the current
+stream: no host copies and no syncs. With ``cuda_graphs=True`` each input shape gets its own execution
+context, captured once as a CUDA graph and replayed. ``tensorrt`` is imported only when the backend is created.
 """
 
 from __future__ import annotations
@@ -17,51 +15,15 @@ from pathlib import Path
 
 import torch
 
-from ..graphs import LoopGraphCache
-from .base import check_options
-from .exported import ExportedBackend
+from ..export.tensorrt import INSTALL_HINT, check_precision, import_tensorrt, refit_engine
+from .exported import ExportedBackend, artifact_source
+from .graphs import LoopGraphCache
 
 log = logging.getLogger(__name__)
 
 _DTYPE_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-OPTIONS = ("precision", "cuda_graphs", "max_graphs")
-ARTIFACT_OPTIONS = ("cache_dir", "engine_dir", "ranges", "refit", "workspace_bytes")  # the artifact source's
-ENGINE_PRECISIONS = ("fp32", "fp16", "bf16")
-INSTALL_HINT = "pip install tensorrt (TensorRT 10 or newer; it needs an NVIDIA GPU), or pip install 'diffrt[gpu]'"
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module; a clear error naming the install when it is missing or too old."""
-    try:
-        import tensorrt as trt
-    except ImportError as err:
-        raise ValueError(f"TensorRT is not installed: {INSTALL_HINT}") from err
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise ValueError(f"TensorRT {trt.__version__} is too old: diffrt needs TensorRT >= 10 ({INSTALL_HINT})")
-    return trt
-
-
-def check_precision(precision: str) -> str:
-    if precision not in ENGINE_PRECISIONS:
-        raise ValueError(f"TensorRT precision must be one of {ENGINE_PRECISIONS}, got {precision!r}")
-    return precision
-
-
-def refit_engine(engine, onnx_path: Path) -> None:
-    """Replace a refittable engine's weights with those of ``onnx_path`` (same architecture, other weights)."""
-    trt = import_tensorrt()
-    if not engine.refittable:
-        raise ValueError("this engine was not built refittable: build it with refit=True")
-    logger = trt.Logger(trt.Logger.WARNING)
-    refitter = trt.Refitter(engine, logger)
-    parser = trt.OnnxParserRefitter(refitter, logger)
-    if not parser.refit_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ValueError(f"could not refit from {onnx_path}: {errors}")
-    if not refitter.refit_cuda_engine():
-        raise ValueError(f"TensorRT rejected the weights of {onnx_path} (different architecture?)")
-
-
+SOURCE_OPTIONS = ("cache_dir", "engine_dir", "ranges", "refit", "workspace_bytes")  # where engines come from
+OPTIONS = ("precision", "cuda_graphs", "max_graphs", *SOURCE_OPTIONS)
 def is_available() -> tuple[bool, str]:
     if importlib.util.find_spec("tensorrt") is None:
         return False, f"the tensorrt package is not installed ({INSTALL_HINT})"
@@ -207,8 +169,12 @@ class TensorRTBackend(ExportedBackend):
         self.components = components
 
 
-def create(components, device, dtype, *, artifacts=None, **options) -> TensorRTBackend:
-    check_options("tensorrt", options, OPTIONS)
-    if artifacts is None:
-        raise ValueError("the tensorrt backend needs artifacts= (an ArtifactSource); diffrt.load gives one")
-    return TensorRTBackend(components, device, dtype, artifacts=artifacts, **options)
+def create(components, device, dtype, **options) -> TensorRTBackend:
+    """The backend over the model's engines: a deployed folder's own, else built through the cache."""
+    from ..export.sources import EngineSource
+
+    if device.type != "cuda":
+        raise ValueError(f"the tensorrt backend runs on a CUDA GPU: load with device='cuda', not {str(device)!r}")
+    source = {k: options.pop(k) for k in SOURCE_OPTIONS if k in options}
+    source = artifact_source(components, "tensorrt", source) or EngineSource(components, device, **source)
+    return TensorRTBackend(components, device, dtype, artifacts=source, **options)

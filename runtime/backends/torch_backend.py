@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import families, lora, step_cache
-from ..families.base import VAE_GRAPHS
-from .base import check_options
+from ..core import step_cache
+from ..models import families, lora
+from ..models.families.base import VAE_GRAPHS
+from .base import Backend
 
 OPTIONS: tuple[str, ...] = ()
 
@@ -19,23 +20,24 @@ def is_available() -> tuple[bool, str]:
     return True, ""
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
-    adds_tokens = True  # runs the text encoders' own modules: textual inversions add rows to them
+    caches_steps = True
+    writes_weights = True
     weights_in_place = True  # write_weights copies into the parameters: LoRAs merge a layer at a time
+    adds_tokens = True  # runs the text encoders' own modules: textual inversions add rows to them
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype):
         self.components = components
         self.device, self.dtype = device, dtype
-        self.family = families.of(components)
-        self.specs = self.family.graph_specs(components)
+        self.model = families.model(components)
+        self.specs = self.model.graph_specs()
         for module in (components.denoiser, components.vae, *components.text_encoders, *components.controlnets):
             module.to(device)
             if module.dtype != dtype:
                 module.to(dtype)
         self.vae_dtype = dtype
-        self.modules = {name: self.family.graph_module(components, name) for name in self.specs}
-        self.loop_capture = None
+        self.modules = {name: self.model.graph_module(name) for name in self.specs}
 
     def upcast_vae(self) -> None:
         """Keep the VAE in float32 from now on (fp16 VAEs overflow on some latents: black/NaN images)."""
@@ -62,20 +64,20 @@ class TorchBackend:
     def capture_state(self) -> tuple:
         return (self.name, str(self.dtype), str(self.vae_dtype))
 
-    @torch.inference_mode()
     def run(self, graph: str, **inputs) -> dict[str, torch.Tensor]:
         if graph not in self.specs:
             raise ValueError(f"unknown graph {graph!r}; this model has {list(self.specs)}")
-        out = self.graph_module(graph)(**self.prepare(graph, inputs))
+        with torch.inference_mode():  # a with block, not a decorator: one frame less on every model call
+            out = self.graph_module(graph)(**self.prepare(graph, inputs))
         out = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.specs[graph].output_names, out, strict=True))
 
     @torch.inference_mode()
     def run_cached(self, graph: str, session, **inputs) -> dict[str, torch.Tensor]:
-        """Run the denoiser ``graph`` under a step cache (:mod:`diffrt.step_cache`): the session decides what
+        """Run the denoiser ``graph`` under a step cache (:mod:`diffrt.core.step_cache`): the session decides what
         this call computes and keeps what later calls reuse."""
-        if graph != self.family.denoiser_part:
-            raise ValueError(f"a step cache runs the denoiser graph {self.family.denoiser_part!r}, not {graph!r}")
+        if graph != self.model.denoiser_part:
+            raise ValueError(f"a step cache runs the denoiser graph {self.model.denoiser_part!r}, not {graph!r}")
         run = step_cache.RUNNERS[session.config.kind]
         out = run(session, lambda piece: self.cache_piece(graph, piece), self.prepare(graph, inputs))
         return {self.specs[graph].output_names[0]: out}
@@ -89,5 +91,4 @@ _PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 
 def create(components, device, dtype, **options) -> TorchBackend:
-    check_options("torch", options, OPTIONS)
     return TorchBackend(components, device, dtype)

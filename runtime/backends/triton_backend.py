@@ -3,8 +3,7 @@ GroupNorm+SiLU and attention; the SD3 and FLUX.1 transformers: fused adaLN block
 embeddings, joint attention), channels_last convolutions, and on CUDA the whole denoising loop captured as one
 CUDA graph per input shape and setting.
 
-The kernel patcher (:func:`diffrt.kernels.patch`) sits in a layer above the runtime, so it is passed in as
-``patcher``; ``diffrt.load`` supplies it.
+The kernels and their patcher are :mod:`diffrt.kernels` (imported when the backend is created: Triton loads then).
 """
 
 from __future__ import annotations
@@ -13,10 +12,9 @@ import os
 
 import torch
 
-from .. import optional
-from ..families import unet_control
-from ..graphs import LoopGraphCache
-from .base import check_options
+from ..core import optional
+from ..models.families import unet_control
+from .graphs import LoopGraphCache
 from .torch_backend import TorchBackend
 
 OPTIONS = ("capture_loop", "max_graphs")
@@ -33,9 +31,11 @@ def is_available() -> tuple[bool, str]:
 class TritonBackend(TorchBackend):
     name = "triton"
 
-    def __init__(self, components, device, dtype, *, patcher, capture_loop: bool = True, max_graphs: int = 8):
+    def __init__(self, components, device, dtype, *, capture_loop: bool = True, max_graphs: int = 8):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the triton backend on the CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
+        from ..kernels import patch as patcher
+
         super().__init__(components, device, dtype)
         # the denoiser's kernels (a U-Net's GroupNorm+SiLU and attention, a transformer's fused blocks), the VAE's
         # and the ControlNets'; the convolutional ones also go channels_last
@@ -45,11 +45,6 @@ class TritonBackend(TorchBackend):
                 module.to(memory_format=torch.channels_last)
         if capture_loop and device.type == "cuda":
             self.loop_capture = LoopGraphCache(max_graphs)
-
-    @property
-    def loop_graphs(self) -> LoopGraphCache | None:
-        """The earlier name of ``loop_capture``."""
-        return self.loop_capture
 
     def prepare(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prepared = super().prepare(graph, inputs)
@@ -74,8 +69,5 @@ class TritonBackend(TorchBackend):
             self.loop_capture.clear()
 
 
-def create(components, device, dtype, *, patcher=None, **options) -> TritonBackend:
-    check_options("triton", options, OPTIONS)
-    if patcher is None:
-        raise ValueError("the triton backend needs patcher= (diffrt.kernels.patch); diffrt.load passes it")
-    return TritonBackend(components, device, dtype, patcher=patcher, **options)
+def create(components, device, dtype, **options) -> TritonBackend:
+    return TritonBackend(components, device, dtype, **options)

@@ -1,4 +1,4 @@
-"""Sync-free samplers over a :class:`diffrt.schedules.Grid`.
+"""Sync-free samplers over a :class:`diffrt.core.schedules.Grid`.
 
 ``sample(name, denoiser, x, grid)`` integrates from ``x`` at the grid's first level to its last;
 ``prepare``/``run`` split that into host-side planning and the device loop (for CUDA graph capture).

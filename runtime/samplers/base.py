@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..schedules import Grid, validate_grid
+from ..core.schedules import Grid, validate_grid
 from . import methods  # noqa: F401  (registers the built-in samplers)
-from .registry import Sampler, available, get, register  # noqa: F401  (Sampler, available, register: earlier home)
+from .registry import get
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class Plan:
 
     def denoise(self, denoiser, x: torch.Tensor, i: int) -> torch.Tensor:
         """One model evaluation at level i, returned in x's dtype."""
-        return denoise(denoiser, x, self.levels, i)
+        levels = self.levels
+        return denoiser(x, levels.alphas[i], levels.sigmas[i], levels.timesteps[i]).to(x.dtype)
 
     def noise_like(self, x: torch.Tensor, generator) -> torch.Tensor:
         """Standard normal noise shaped like x. ``generator`` may be a list with one generator per batch item,
@@ -91,7 +92,7 @@ def prepare(name: str, grid: Grid, device, dtype: torch.dtype, **options) -> Pla
     """Validate and plan a run of sampler ``name`` on ``grid``: host math once, coefficients uploaded once."""
     sampler = get(name)
     if not isinstance(grid, Grid):
-        raise ValueError(f"grid must be a diffrt.schedules.Grid, got {type(grid).__name__}")
+        raise ValueError(f"grid must be a diffrt.core.schedules.Grid, got {type(grid).__name__}")
     validate_grid(grid)
     allowed = sampler.options()
     unknown = sorted(set(options) - set(allowed))
@@ -149,12 +150,3 @@ def sample(name: str, denoiser, x: torch.Tensor, grid: Grid, *, generator=None, 
     plan = prepare(name, grid, x.device, dtype, **options)
     return run(plan, denoiser, x.to(dtype), generator).to(x.dtype)
 
-
-# The module-level forms of Plan.denoise and Plan.noise_like (their earlier API, for samplers registered
-# from outside).
-def denoise(denoiser, x: torch.Tensor, levels: Levels, i: int) -> torch.Tensor:
-    return denoiser(x, levels.alphas[i], levels.sigmas[i], levels.timesteps[i]).to(x.dtype)
-
-
-def noise_like(x: torch.Tensor, plan: Plan, generator) -> torch.Tensor:
-    return plan.noise_like(x, generator)

@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from ..schedules import Grid
+from ..core.schedules import Grid
 
 
 def _reject(scheduler, option: str, value, allowed: str) -> None:
@@ -234,7 +234,7 @@ def from_diffusers(scheduler, n: int, *, mu: float | None = None, sigmas=None) -
     schedulers that take them (FluxPipeline passes ``linspace(1, 1/n, n)``).
 
     The scheduler is not modified. The model's prediction type (``scheduler.config.prediction_type``) is the
-    denoiser's concern (see :mod:`diffrt.denoisers`); for an LCM scheduler wrap the model with
+    denoiser's concern (see :mod:`diffrt.core.denoisers`); for an LCM scheduler wrap the model with
     ``consistency_denoiser(..., timestep_scaling=scheduler.config.timestep_scaling)``. When the scheduler's
     configuration ends short of the clean sample (DDIM ``set_alpha_to_one=False``, ``final_sigmas_type=
     "sigma_min"``), so does the grid.
@@ -253,7 +253,7 @@ def from_diffusers(scheduler, n: int, *, mu: float | None = None, sigmas=None) -
 
 def as_diffusers(scheduler):
     """``scheduler`` itself, or for a stand-in that records only a class name and config (a deployed export's
-    :class:`~diffrt.deployment.SavedScheduler`) that diffusers scheduler rebuilt from its config."""
+    :class:`~diffrt.models.deployment.SavedScheduler`) that diffusers scheduler rebuilt from its config."""
     if hasattr(scheduler, "set_timesteps"):
         return scheduler
     import diffusers

@@ -157,7 +157,7 @@ class Generator:
     def _run_call(self, jobs: list[protocol.Job], tickets: list["Ticket"]) -> list[dict]:
         """One pipeline call for jobs of equal keys. If it fails, each job runs alone, so only a job that fails
         by itself gets an error (its own); a call stops between steps once no job of it still waits."""
-        from ..pipeline import Cancelled
+        from ..pipeline.pipe import Cancelled
 
         try:
             return self._call(jobs, lambda: all(ticket.done() for ticket in tickets))
@@ -170,7 +170,7 @@ class Generator:
             return [self._run_call([job], [ticket])[0] for job, ticket in zip(jobs, tickets, strict=True)]
 
     def _call(self, jobs: list[protocol.Job], cancel) -> list[dict]:
-        from ..outputs import encode
+        from ..pipeline.outputs import encode
 
         self._set_loras(dict(jobs[0].lora))
         result = self.pipe.generate(**protocol.merged_call(jobs), cancel=cancel)

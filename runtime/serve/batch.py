@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import atomic_write_bytes
-from ..outputs import encode
+from ..core.files import atomic_write_bytes
+from ..pipeline.outputs import encode
 from . import protocol
 from .resources import cpu_share, torch_threads
 from .worker import start_pipeline, startup_error

@@ -15,7 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from ..checks import integer, number
+from ..core.checks import integer, number
 
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 DIFFRT_FIELDS = ("seed", "steps", "sampler", "guidance", "negative_prompt", "lora")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 
-from ..backend_spec import parse as parse_backend
-from ..startup import fast_start
+from ..core.backend_spec import parse as parse_backend
+from ..core.startup import fast_start
 
 
 def start_pipeline(settings, threads: int | None, **load_options):
@@ -33,11 +33,11 @@ def preflight(settings, loras=(), host: str | None = None, port: int | None = No
     its options, each LoRA file (readable, every tensor finite and shaped), the port (free to listen on)."""
     import socket
 
-    from ..api import check_backend
-    from ..loading import check_source
-    from ..lora import check_file
+    from ..backends import check as check_backend
+    from ..models.loading import resolve
+    from ..models.lora import check_file
 
-    check_source(settings.model)
+    resolve(settings.model)
     check_backend(*parse_backend(settings.backend))
     for path, _ in loras:
         check_file(path)

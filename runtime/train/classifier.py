@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..fashion import classifier as domain
+from ..models.fashion import classifier as domain
 from . import common, data
 
 TARGET_ACCURACY = 0.91
@@ -102,8 +102,9 @@ def train_classifier(out, settings: ClassifierSettings | None = None, progress: 
     domain.save_classifier(model.cpu(), out, extra=config)
     common.write_run(out, "classifier", settings, metrics)
     common.write_model_card(out, "Fashion-MNIST classifier (quality metrics)", {
-        "Model": f"A {metrics['params']:,}-parameter CNN (`diffrt.fashion.classifier.FashionClassifier`), float16 "
-                 f"weights. Its {model.num_features}-wide penultimate layer gives the domain FID/KID features.",
+        "Model": f"A {metrics['params']:,}-parameter CNN "
+                 f"(`diffrt.models.fashion.classifier.FashionClassifier`), float16 weights. "
+                 f"Its {model.num_features}-wide penultimate layer gives the domain FID/KID features.",
         "Data": common.DATA_CARD,
         "Training": f"`diffrt train classifier`: {common.run_summary(settings, metrics)} Settings:\n\n"
                     f"{common.settings_text(settings)}",

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .. import devices
-from ..files import make_readable
-from ..results import write_result
+from ..core import devices
+from ..core.files import make_readable
+from ..core.results import write_result
 
 SIZES = ("full", "tiny")  # "tiny": a few-thousand-parameter model of the same classes, for smoke runs
 LR_SCHEDULES = ("constant", "cosine")

@@ -4,7 +4,7 @@ maps of Fashion-MNIST images.
 As in the ControlNet paper (Zhang et al. 2023): the ControlNet starts as a copy of the frozen U-Net's encoder
 (diffusers' ``ControlNetModel.from_unet``) with zero convolutions on its outputs, so training starts from the
 base model's own predictions; only the ControlNet trains, with the base model's objective (eps on its VP
-schedule). Each training image's latents are paired with its own edge map (:mod:`diffrt.fashion.edges`) and one
+schedule). Each training image's latents are paired with its own edge map (:mod:`diffrt.models.fashion.edges`) and one
 of its class's captions, half of them empty (the paper's prompt dropout: the edges alone must carry the
 shape). Its conditioning embedding downsamples the edge map 4x, the ``fashion`` VAE's factor.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import embedded
-from ..fashion.edges import control_pictures, edge_maps
+from ..models import embedded
+from ..models.fashion.edges import control_pictures, edge_maps
 from . import common, data, diffusion, models
 
 NAME = "fashion-controlnet"

@@ -4,7 +4,7 @@ The images are the four gzip IDX files (60k train + 10k test, 28x28 grayscale, 1
 kept as uint8 padded to 32x32 (zero padding: the background is black) and turned into float model input per
 batch: 3 channels in [-1, 1] for the VAE, [0, 1] for the classifier and the quality metrics.
 
-Captions: several phrasings and synonyms per class (the table is :mod:`diffrt.fashion.captions`, shared with
+Captions: several phrasings and synonyms per class (the table is :mod:`diffrt.models.fashion.captions`, shared with
 the quality benchmarks; its names are re-exported here).
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fashion.captions import (  # noqa: F401  (the caption names, re-exported for the trainers)
+from ..models.fashion.captions import (  # noqa: F401  (the caption names, re-exported for the trainers)
     CLASS_NAMES,
     EMPTY_CAPTION,
     HELD_OUT,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .. import folders
-from ..components import Components
+from ..models import folders
+from ..models.components import Components
 from . import common, data, models, text
 
 OBJECTIVES = ("eps", "flow")

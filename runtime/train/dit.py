@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .. import folders
-from ..components import Components
-from ..families import flux_layout
+from ..models import folders
+from ..models.components import Components
+from ..models.families import flux_layout
 from . import common, data, diffusion, text
 
 # 3 double-stream + 6 single-stream blocks at width 128 (4 heads of 32): 3.47M parameters, 6.9 MB in float16.

@@ -10,9 +10,9 @@ Consistency distillation with guidance folded in, as diffusers' LCM distillation
   EMA target network maps ``x_s`` to its consistency output; the student maps ``x_t`` to its own, and a
   pseudo-Huber loss pulls the two together.
 * Consistency outputs use LCM's boundary scalings ``c_skip * x + c_out * x0`` with ``timestep_scaling`` 10
-  (``diffrt.denoisers.consistency_scalings``; the pipeline reads it from the LCMScheduler config).
+  (``diffrt.core.denoisers.consistency_scalings``; the pipeline reads it from the LCMScheduler config).
 * The student is the teacher's U-Net plus a guidance embedding (``time_cond_proj_dim``): the sinusoidal
-  embedding of ``(w - 1) * 1000``, as ``diffrt.pipeline.guidance_embedding`` makes it at inference. Its
+  embedding of ``(w - 1) * 1000``, as ``diffrt.pipeline.pipe.guidance_embedding`` makes it at inference. Its
   projection starts at zero, so the student starts as the teacher.
 
 Autocast is off by default: ``x0 = (x - sigma eps) / alpha`` divides by alpha = 0.068 at t = 999 (the teacher's
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .. import loading
+from ..models import loading
 from . import common, data, models
 from .diffusion import prepare_latents, save_pipeline
 
@@ -66,7 +66,7 @@ class LCMSettings(common.TrainSettings):
 
 
 def guidance_embedding(scales: torch.Tensor, dim: int) -> torch.Tensor:
-    """[B] guidance scales -> [B, dim]: sin/cos of ``(w - 1) * 1000`` (``diffrt.pipeline.guidance_embedding``)."""
+    """[B] guidance scales -> [B, dim]: sin/cos of ``(w - 1) * 1000`` (``diffrt.pipeline.pipe.guidance_embedding``)."""
     w = (scales.float() - 1.0) * 1000.0
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
@@ -83,7 +83,7 @@ def skipping_schedule(num_train: int, n: int) -> tuple[torch.Tensor, torch.Tenso
 
 def consistency_output(eps, x, t, acp, timestep_scaling: float) -> torch.Tensor:
     """``c_skip(t) x + c_out(t) x0(eps)`` for an eps-prediction model, per sample."""
-    from ..denoisers import consistency_scalings
+    from ..core.denoisers import consistency_scalings
 
     abar = acp[t].view(-1, 1, 1, 1).to(x)
     x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()

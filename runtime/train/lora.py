@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .. import embedded, optional
-from ..fashion.captions import CLASS_NAMES
+from ..core import optional
+from ..models import embedded
+from ..models.fashion.captions import CLASS_NAMES
 from . import common, data, diffusion, models, text, vae
 
 NAME = "fashion-lora"

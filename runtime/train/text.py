@@ -1,14 +1,14 @@
 """Caption embeddings for training, computed with the frozen text encoder exactly as the pipeline does.
 
-The encoder itself is a runtime module (:mod:`diffrt.minilm`); its names are re-exported here for the trainers.
+The encoder itself is a runtime module (:mod:`diffrt.models.minilm`); its names are re-exported here for the trainers.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..minilm import HIDDEN_SIZE, INSTALL_HINT, MAX_LENGTH, encoder_path, load_text_encoder
-from ..text import tokenize
+from ..core.text import tokenize
+from ..models.minilm import HIDDEN_SIZE, INSTALL_HINT, MAX_LENGTH, encoder_path, load_text_encoder
 
 __all__ = ["HIDDEN_SIZE", "INSTALL_HINT", "MAX_LENGTH", "encode_captions", "encoder_path", "load_text_encoder"]
 

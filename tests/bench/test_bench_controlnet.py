@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffrt import embedded
 from diffrt.bench.controlnet import edge_scores
 from diffrt.cli import main
+from diffrt.models import embedded
 from diffrt.train import data
 
 REPO = Path(__file__).resolve().parents[2]

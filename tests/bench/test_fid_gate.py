@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from diffrt import embedded
 from diffrt.bench import fid
 from diffrt.bench.harness import write_result
 from diffrt.cli import main
+from diffrt.models import embedded
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BASELINE = REPO / "bench" / "baselines" / "fashion-flow-euler-8steps-200.json"

@@ -54,7 +54,7 @@ def test_junit_outcomes(tmp_path):
 
 
 def test_backend_variants_for_latency():
-    from diffrt.backend_spec import parse as backend_spec
+    from diffrt.core.backend_spec import parse as backend_spec
 
     assert backend_spec("compile:mode=reduce-overhead") == ("compile", {"mode": "reduce-overhead"})
     assert backend_spec("triton:capture_loop=false:max_graphs=4") == ("triton", {"capture_loop": False,

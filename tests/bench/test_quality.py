@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from diffrt.bench import quality
+from diffrt.models.fashion import classifier as fashion_classifier
 
 
 class Identity(nn.Module):
@@ -76,7 +77,7 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
 @pytest.fixture(scope="module")
 def classifier():
     torch.manual_seed(0)
-    model = quality.FashionClassifier(widths=(8, 16, 16), num_features=16)
+    model = fashion_classifier.FashionClassifier(widths=(8, 16, 16), num_features=16)
     model.train()
     with torch.no_grad():  # non-trivial BatchNorm statistics, so features depend on eval mode
         model(torch.rand(64, 3, 32, 32))
@@ -108,11 +109,11 @@ def test_adherence_rejects_bad_input(classifier, images):
 
 def test_reference_file_reproduces_the_direct_fid(classifier, images, tmp_path):
     real, fake = images[:80], images[80:].flip(-1)
-    reference = quality.reference_statistics(classifier, real, kid_rows=50)
-    path = quality.save_reference(tmp_path / "ref.safetensors", reference)
-    loaded = quality.load_reference(path, classifier=classifier)
+    reference = fashion_classifier.reference_statistics(classifier, real, kid_rows=50)
+    path = fashion_classifier.save_reference(tmp_path / "ref.safetensors", reference)
+    loaded = fashion_classifier.load_reference(path, classifier=classifier)
     assert loaded["kid_features"].shape == (50, 16) and loaded["kid_features"].dtype == torch.float16
-    direct = quality.frechet_distance(fake, quality.FeatureNet(classifier), real=real)
+    direct = quality.frechet_distance(fake, fashion_classifier.FeatureNet(classifier), real=real)
     assert quality.domain_fid(fake, classifier, loaded) == pytest.approx(direct, rel=1e-9)
     assert quality.domain_fid(real, classifier, loaded) == pytest.approx(0.0, abs=1e-6)
     kid_mean, kid_std = quality.domain_kid(fake, classifier, loaded, subsets=5, subset_size=30)
@@ -120,29 +121,30 @@ def test_reference_file_reproduces_the_direct_fid(classifier, images, tmp_path):
 
 
 def test_reference_of_another_classifier_is_refused(classifier, images, tmp_path):
-    path = quality.save_reference(tmp_path / "ref.safetensors", quality.reference_statistics(classifier, images))
-    other = quality.FashionClassifier(widths=(8, 16, 16), num_features=16).eval()
+    statistics = fashion_classifier.reference_statistics(classifier, images)
+    path = fashion_classifier.save_reference(tmp_path / "ref.safetensors", statistics)
+    other = fashion_classifier.FashionClassifier(widths=(8, 16, 16), num_features=16).eval()
     with pytest.raises(ValueError, match="different classifier"):
-        quality.load_reference(path, classifier=other)
+        fashion_classifier.load_reference(path, classifier=other)
 
 
 def test_classifier_round_trip_and_clear_errors(classifier, images, tmp_path):
-    folder = quality.save_classifier(classifier, tmp_path / "clf")
-    loaded = quality.load_classifier(folder)
+    folder = fashion_classifier.save_classifier(classifier, tmp_path / "clf")
+    loaded = fashion_classifier.load_classifier(folder)
     torch.testing.assert_close(loaded(images), classifier(images), rtol=0, atol=0.05)  # float16 storage
     with pytest.raises(FileNotFoundError, match="diffrt train classifier"):
-        quality.load_classifier(tmp_path / "missing")
-    weights = folder / quality.WEIGHTS_FILE
+        fashion_classifier.load_classifier(tmp_path / "missing")
+    weights = folder / fashion_classifier.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="could not load the classifier"):
-        quality.load_classifier(folder)
+        fashion_classifier.load_classifier(folder)
     with pytest.raises(FileNotFoundError, match="reference statistics"):
-        quality.load_reference(tmp_path / "none.safetensors")
+        fashion_classifier.load_reference(tmp_path / "none.safetensors")
 
 
 def test_feature_net_stays_in_eval_mode_inside_the_metric(classifier, images):
-    net = quality.FeatureNet(classifier)
-    metric = quality.fid_metric(net)
+    net = fashion_classifier.FeatureNet(classifier)
+    metric = fashion_classifier.fid_metric(net)
     metric.train()
     assert not classifier.training
     assert net(images[:4]).dtype == torch.float64 and net(images[:4]).shape == (4, 16)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from diffrt import presets
 from diffrt.bench import realsize, realsize_child
+from diffrt.models import presets
 
 
 def _args(tmp_path, **overrides):

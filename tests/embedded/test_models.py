@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import diffrt
-from diffrt import embedded
 from diffrt.bench import quality
+from diffrt.models import embedded
+from diffrt.models.fashion import classifier as fashion_classifier
 from diffrt.train import data
 
 
@@ -38,7 +39,7 @@ def test_classifier_meets_its_accuracy_target():
     if data.dataset_available():
         from diffrt.train.classifier import accuracy
 
-        measured = accuracy(quality.load_classifier(), data.load_split("test"), torch.device("cpu"))
+        measured = accuracy(fashion_classifier.load_classifier(), data.load_split("test"), torch.device("cpu"))
         assert measured == pytest.approx(recorded, abs=2e-3)
 
 
@@ -95,7 +96,7 @@ def test_sampler_sweep_on_a_trained_model_and_its_report(tmp_path, capsys):
 
 
 def test_cli_defaults_name_the_default_model():
-    """The CLI and `bench fid` spell the default model out (they start without importing diffrt.embedded)."""
+    """The CLI and `bench fid` spell the default model out (they start without importing diffrt.models.embedded)."""
     import argparse
 
     from diffrt import cli

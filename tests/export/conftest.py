@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 import diffrt
-from diffrt.presets import Preset
+from diffrt.models.presets import Preset
 
 if any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime")):
     collect_ignore_glob = ["test_*.py"]  # the export tests need the [onnx] extra
@@ -48,9 +48,9 @@ def tiny():
 def tiny_sdxl():
     import torch
 
-    from diffrt import presets
     from diffrt.backends import create
-    from diffrt.pipeline import Pipeline
+    from diffrt.models import presets
+    from diffrt.pipeline.pipe import Pipeline
 
     components = presets.load(TINY_SDXL)
     return Pipeline(components, create("torch", components, torch.device("cpu"), torch.float32),

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import diffrt
-from diffrt import artifacts, files
+from diffrt.core import files
 from diffrt.export import ArtifactError, ensure_onnx, model_hash, open_export
 from diffrt.export import onnx_export as ox
+from diffrt.models import artifacts
 
 
 def test_model_hash_depends_on_weights_and_configs_not_on_paths(tiny, tmp_path):
-    from diffrt.loading import save_components
+    from diffrt.models.folders import save_folder as save_components
 
     a = diffrt.load(save_components(tiny.components, tmp_path / "a"), device="cpu").components
     b = diffrt.load(save_components(tiny.components, tmp_path / "b"), device="cpu").components

@@ -1,4 +1,4 @@
-"""Deployed exports (diffrt.deployment): a folder ``diffrt export`` wrote runs on its own, without diffusers,
+"""Deployed exports (diffrt.models.deployment): a folder ``diffrt export`` wrote runs on its own, without diffusers,
 transformers or the torch modules, with the images of the torch backend; a tampered, newer or incomplete
 folder is refused in one clear error before anything is loaded."""
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import diffrt
-from diffrt import artifacts, deployment, text
-from diffrt.files import atomic_write_json
+from diffrt.core import text
+from diffrt.core.files import atomic_write_json
+from diffrt.models import artifacts, deployment
 
 PROMPTS = ["a red sneaker", "a coat"]
 KW = dict(steps=3, seed=[0, 1], output_type="np")
@@ -73,7 +74,7 @@ def test_in_process_it_matches_the_torch_backend_and_knows_the_model(tiny, deplo
     ["a prompt far longer than any text encoder's context " * 12, "ünïcödé 日本語 — 🙂", "[PAD] </s> <|endoftext|>"],
 ])  # fmt: skip
 def test_saved_tokenizers_give_the_ids_of_transformers(prompts):
-    from diffrt import minilm
+    from diffrt.models import minilm
 
     _, bert = minilm.load_text_encoder()
     for tokenizer, length in ((bert, None), (text.character_clip_tokenizer(), None),

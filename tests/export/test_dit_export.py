@@ -14,7 +14,7 @@ def test_transformer_families_export_and_run_on_onnxruntime(preset, exporter, tm
     pipe = diffrt.load(preset, device="cpu")
     manifest = export_onnx(pipe, tmp_path / preset)
     assert manifest["exporter"] == exporter  # the family's default (see diffrt.export.onnx_export)
-    assert set(manifest["graphs"]) == set(pipe.family.graph_names(pipe.components))
+    assert set(manifest["graphs"]) == set(pipe.model.graph_names())
     for name, record in manifest["graphs"].items():
         # checked at batch 1 and 3 and at transposed sizes, none of them the traced shape
         assert record["parity"]["max_rel_error"] <= 1e-4, name

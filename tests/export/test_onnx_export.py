@@ -223,7 +223,7 @@ def test_a_graph_past_two_gib_is_written_with_its_weights_apart_and_runs(tmp_pat
 def test_an_export_that_would_not_fit_takes_the_lean_exporter_or_is_refused(tiny, monkeypatch):
     """TorchScript holds about twice a graph's weights beside the model, dynamo about a tenth: with the memory
     for dynamo only, the default exporter gives way; a named one, or too little for either, is refused first."""
-    from diffrt import memory
+    from diffrt.core import memory
 
     components = tiny.components
     settings = ox.OnnxSettings().resolved()

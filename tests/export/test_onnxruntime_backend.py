@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffrt
-from diffrt.api import create_backend
+from diffrt.backends import create as create_backend
 from diffrt.backends import onnxruntime_backend as orb
 
 PROMPT = "a red sneaker"
@@ -44,8 +44,8 @@ def test_image_to_image_runs_the_vae_encoder(tiny, ort_tiny):
 
 
 def test_sdxl_shaped_pipeline_matches_torch(tiny_sdxl, tmp_path):
-    from diffrt.api import create_backend
-    from diffrt.pipeline import Pipeline
+    from diffrt.backends import create as create_backend
+    from diffrt.pipeline.pipe import Pipeline
 
     components = tiny_sdxl.components
     runner = create_backend("onnxruntime", components, torch.device("cpu"), torch.float32, cache_dir=tmp_path)

@@ -60,7 +60,7 @@ def test_unet_profile_doubles_the_batch_and_rounds_sizes_to_its_multiple(tiny):
 def test_controlnet_graphs_get_the_denoisers_doubled_batch_and_residual_shapes(tiny):
     import dataclasses
 
-    from diffrt.control import random_controlnet
+    from diffrt.models.control import random_controlnet
 
     parts = dataclasses.replace(tiny.components, controlnets=[random_controlnet(tiny.components.unet)])
     specs = graph_specs(parts)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import diffrt
-from diffrt.api import create_backend as create
-from diffrt.backends import availability
-from diffrt.export import ShapeRanges, graph_profile, graph_specs, input_profile_shapes, model_hash, trt_build
+from diffrt.backends import availability, create
+from diffrt.export import ShapeRanges, graph_profile, graph_specs, input_profile_shapes, model_hash, tensorrt, trt_build
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -18,7 +17,7 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
 def test_missing_tensorrt_is_a_clear_error_naming_the_install(tiny):
     with pytest.raises(ValueError, match=r"TensorRT is not installed: pip install tensorrt"):
-        trt_build.import_tensorrt()
+        tensorrt.import_tensorrt()
     assert "pip install tensorrt" in availability()["tensorrt"]
     with pytest.raises(ValueError, match="backend 'tensorrt' cannot run here: .*pip install tensorrt"):
         create("tensorrt", tiny.components, torch.device("cpu"), torch.float32)

@@ -65,7 +65,7 @@ def test_sd35_query_key_norms_and_dual_attention():
         torch.manual_seed(1)
         transformer = SD3Transformer2DModel(**{**config, "qk_norm": "rms_norm", "dual_attention_layers": (0,)})
     parts = dataclasses.replace(pipe.components, transformer=transformer.eval())
-    sd35 = diffrt.pipeline.Pipeline(parts, diffrt.backends.create("torch", parts, torch.device("cpu"),
+    sd35 = diffrt.pipeline.pipe.Pipeline(parts, diffrt.backends.create("torch", parts, torch.device("cpu"),
                                                                   torch.float32), torch.device("cpu"), torch.float32)
     assert transformer.transformer_blocks[0].use_dual_attention
     handle = _check_patched(sd35, blocks=2, processors=3)  # two joint attentions and the dual block's second

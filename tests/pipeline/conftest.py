@@ -10,7 +10,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny):
-    from diffrt.loading import save_components
+    from diffrt.models.folders import save_folder as save_components
 
     return save_components(tiny.components, tmp_path_factory.mktemp("tiny") / "tiny")
 
@@ -26,8 +26,9 @@ def make_tiny_sdxl(folder):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffrt.loading import Components, save_components
-    from diffrt.text import character_clip_tokenizer
+    from diffrt.core.text import character_clip_tokenizer
+    from diffrt.models.components import Components
+    from diffrt.models.folders import save_folder as save_components
 
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,

@@ -13,7 +13,7 @@ import diffusers
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from diffrt.text import character_clip_tokenizer, character_t5_tokenizer
+from diffrt.core.text import character_clip_tokenizer, character_t5_tokenizer
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 

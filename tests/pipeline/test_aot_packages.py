@@ -14,7 +14,7 @@ import torch
 
 import diffrt
 from diffrt.backends.aot import AotGraph
-from diffrt.graphspec import Dim, GraphSpec, TensorSpec
+from diffrt.core.graphspec import Dim, GraphSpec, TensorSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = GraphSpec("toy", (TensorSpec("sample", (Dim("batch"), 3, Dim("height"), Dim("width"))),

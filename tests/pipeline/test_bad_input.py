@@ -98,7 +98,7 @@ def test_steps_beyond_a_consistency_models_schedule_are_refused():
 
 
 def test_non_image_files_name_the_file(tmp_path):
-    from diffrt.images import read_picture
+    from diffrt.core.images import read_picture
 
     text = tmp_path / "notes.png"
     text.write_text("not a picture")
@@ -216,8 +216,8 @@ def test_component_of_the_wrong_class(tiny_folder, tmp_path):
 
 
 def test_inpainting_unet_needs_image_and_mask(tiny):
-    from diffrt.loading import Components
-    from diffrt.pipeline import Pipeline
+    from diffrt.models.components import Components
+    from diffrt.pipeline.pipe import Pipeline
 
     class Config(dict):
         __getattr__ = dict.get

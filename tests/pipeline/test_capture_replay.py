@@ -11,7 +11,7 @@ import torch
 
 import diffrt
 from diffrt import samplers
-from diffrt.graphs import CapturedLoop, LoopGraphCache, ReplayEmulation
+from diffrt.backends.graphs import CapturedLoop, LoopGraphCache, ReplayEmulation
 
 SIZE = dict(height=32, width=32, output_type="latent", progress=False)
 DETERMINISTIC = [name for name in samplers.available() if not samplers.get(name).stochastic]
@@ -58,7 +58,7 @@ def test_image_to_image_and_inpainting_replay_their_own_pictures(tiny):
 
 def nine_channel(tiny):
     """tiny with a seeded 9-channel (inpainting) U-Net."""
-    from diffrt.pipeline import Pipeline
+    from diffrt.pipeline.pipe import Pipeline
 
     config = {k: v for k, v in tiny.components.unet.config.items() if not k.startswith("_")}
     with torch.random.fork_rng():
@@ -119,7 +119,7 @@ def test_the_cache_evicts_the_least_recently_used_graph():
 
 
 def test_plan_keys_are_host_side_and_tell_options_apart():
-    from diffrt.schedules import VPSchedule, vp_grid
+    from diffrt.core.schedules import VPSchedule, vp_grid
 
     grid = vp_grid(VPSchedule.scaled_linear(), 6)
     keys = {samplers.prepare("unipc", grid, "cpu", torch.float32, variant=v).host_key for v in ("bh1", "bh2")}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import diffrt
-from diffrt import control
-from diffrt.graphs import LoopGraphCache, ReplayEmulation
+from diffrt.backends.graphs import LoopGraphCache, ReplayEmulation
+from diffrt.models import control
 
 SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 PROMPTS = ["a red sneaker", "a blue coat"]
@@ -180,7 +180,7 @@ def test_image_to_image_and_inpainting_take_control(tiny_folder, controlnets, pi
 
 
 def test_a_nine_channel_unets_controlnet_sees_the_latents_only(tiny, controlnets, pictures):
-    from diffrt.pipeline import Pipeline
+    from diffrt.pipeline.pipe import Pipeline
 
     config = {k: v for k, v in tiny.components.unet.config.items() if not k.startswith("_")}
     with torch.random.fork_rng():
@@ -228,7 +228,7 @@ def test_controlnets_for_another_base_are_refused_by_their_first_mismatch(tiny_f
         diffrt.load(tiny_folder, device="cpu", controlnet=tmp_path / "missing")
     with pytest.raises(ValueError, match="not yet on flux models"):
         diffrt.load("tiny-flux", device="cpu", controlnet=controlnets[0])
-    deployed = diffrt.components.Components("x", "sd", None, None, [], [], None, deployed={"kind": "onnx"})
+    deployed = diffrt.models.components.Components("x", "sd", None, None, [], [], None, deployed={"kind": "onnx"})
     with pytest.raises(ValueError, match="deployed export holds no U-Net"):
         control.load(controlnets[0], deployed)
 
@@ -243,7 +243,7 @@ def test_control_images_are_resized_as_diffusers_does(pictures):
     from diffusers.image_processor import VaeImageProcessor
     from PIL import Image
 
-    from diffrt.control import control_images
+    from diffrt.models.control import control_images
 
     processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
     grey = Image.fromarray((np.random.default_rng(0).random((40, 56)) * 255).astype(np.uint8), mode="L")
@@ -257,7 +257,7 @@ def test_canny_edges_trace_a_square():
     pytest.importorskip("cv2")
     from PIL import Image
 
-    from diffrt.control import canny
+    from diffrt.models.control import canny
 
     square = np.zeros((32, 32), np.uint8)
     square[8:24, 8:24] = 255

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import diffrt
-from diffrt.families import flux_layout
-from diffrt.loading import save_components
+from diffrt.models.families import flux_layout
+from diffrt.models.folders import save_folder as save_components
 
 
 def _noise(seeds, shape):
@@ -56,7 +56,7 @@ def test_sd3_matches_diffusers(sd3_folder, height, width, seeds):
     ours = diffrt.load(sd3_folder, device="cpu")
     theirs = _theirs(diffusers.StableDiffusion3Pipeline, sd3_folder)
     prompts = PROMPTS[: len(seeds)]
-    latents = _noise(seeds, ours.family.latent_shape(ours.components, height, width))
+    latents = _noise(seeds, ours.model.latent_shape(height, width))
     reference = theirs(prompts, negative_prompt=["blurry"] * len(seeds), latents=latents, height=height, width=width,
                        num_inference_steps=4, guidance_scale=5.0, output_type="np").images  # fmt: skip
     images = ours(prompts, negative_prompt="blurry", steps=4, guidance=5.0, seed=seeds, height=height, width=width,
@@ -77,7 +77,7 @@ def test_sd3_matches_diffusers(sd3_folder, height, width, seeds):
 def test_sd3_with_a_configured_scheduler_matches_diffusers(sd3_folder, scheduler):
     ours = diffrt.load(sd3_folder, device="cpu")
     theirs = _theirs(diffusers.StableDiffusion3Pipeline, sd3_folder, scheduler)
-    latents = _noise([7], ours.family.latent_shape(ours.components, 64, 48))
+    latents = _noise([7], ours.model.latent_shape(64, 48))
     reference = theirs("a red sneaker", latents=latents, height=64, width=48, num_inference_steps=5,
                        guidance_scale=4.0, output_type="np").images  # fmt: skip
     images = ours("a red sneaker", steps=5, guidance=4.0, seed=7, height=64, width=48, scheduler=scheduler,
@@ -93,7 +93,7 @@ def test_sd3_folder_without_t5_uses_zero_states_as_diffusers(tmp_path):
     ours = diffrt.load(folder, device="cpu")
     assert len(ours.components.text_encoders) == 2
     theirs = _theirs(diffusers.StableDiffusion3Pipeline, folder, text_encoder_3=None, tokenizer_3=None)
-    latents = _noise([1], ours.family.latent_shape(ours.components, 64, 64))
+    latents = _noise([1], ours.model.latent_shape(64, 64))
     reference = theirs("a coat", latents=latents, height=64, width=64, num_inference_steps=3, guidance_scale=5.0,
                        output_type="np").images  # fmt: skip
     images = ours("a coat", steps=3, guidance=5.0, seed=1, height=64, width=64, output_type="np")
@@ -106,7 +106,7 @@ def test_flux_dev_matches_diffusers(flux_folder, height, width, seeds):
     ours = diffrt.load(flux_folder, device="cpu")
     theirs = _theirs(diffusers.FluxPipeline, flux_folder)
     prompts = PROMPTS[: len(seeds)]
-    latents = flux_layout.pack(_noise(seeds, ours.family.latent_shape(ours.components, height, width)))
+    latents = flux_layout.pack(_noise(seeds, ours.model.latent_shape(height, width)))
     reference = theirs(prompts, latents=latents, height=height, width=width, num_inference_steps=4,
                        guidance_scale=3.5, max_sequence_length=32, output_type="np").images  # fmt: skip
     images = ours(prompts, steps=4, guidance=3.5, seed=seeds, height=height, width=width, output_type="np")
@@ -116,7 +116,7 @@ def test_flux_dev_matches_diffusers(flux_folder, height, width, seeds):
 def test_flux_true_cfg_matches_diffusers(flux_folder):
     ours = diffrt.load(flux_folder, device="cpu")
     theirs = _theirs(diffusers.FluxPipeline, flux_folder)
-    latents = flux_layout.pack(_noise([2], ours.family.latent_shape(ours.components, 64, 64)))
+    latents = flux_layout.pack(_noise([2], ours.model.latent_shape(64, 64)))
     reference = theirs("a boot", negative_prompt="blurry", true_cfg_scale=2.5, latents=latents, height=64, width=64,
                        num_inference_steps=3, guidance_scale=3.5, max_sequence_length=32,
                        output_type="np").images  # fmt: skip
@@ -131,7 +131,7 @@ def test_flux_without_guidance_embedding_uses_guidance_as_cfg(tmp_path_factory):
     folder = _folder(tmp_path_factory, "tiny-flux", guidance_embeds=False)
     ours = diffrt.load(folder, device="cpu")
     theirs = _theirs(diffusers.FluxPipeline, folder)
-    latents = flux_layout.pack(_noise([0], ours.family.latent_shape(ours.components, 64, 64)))
+    latents = flux_layout.pack(_noise([0], ours.model.latent_shape(64, 64)))
     common = dict(latents=latents, height=64, width=64, num_inference_steps=3, max_sequence_length=32,
                   output_type="np")  # fmt: skip
     plain = theirs("a shirt", **common).images
@@ -202,7 +202,7 @@ def test_a_flux_folder_with_a_mismatched_vae_is_one_clear_error(flux_folder, tmp
 
 
 def test_a_preset_too_large_for_the_device_is_refused_before_allocating():
-    from diffrt import presets
+    from diffrt.models import presets
 
     sizes = presets.weight_bytes(presets.PRESETS["flux-dev"], torch.bfloat16)
     assert 23.5e9 < sizes["transformer"] < 24.0e9  # FLUX.1-dev: 11.9B parameters

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import diffrt
-from diffrt import defaults
+from diffrt.core import defaults
 
 from .plain_folders import FOLDERS, build
 
@@ -30,7 +30,7 @@ def folders(tmp_path_factory):
 
 
 def _theirs(folder, prompts, seeds, **kw):
-    index = diffrt.folders.read_index(folder)
+    index = diffrt.models.folders.read_index(folder)
     pipe = getattr(diffusers, index["_class_name"]).from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(s) for s in seeds]

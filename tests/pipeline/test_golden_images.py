@@ -44,7 +44,7 @@ def _tiny_sdxl_folder(root: Path) -> Path:
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffrt.text import character_clip_tokenizer
+    from diffrt.core.text import character_clip_tokenizer
 
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
@@ -75,7 +75,7 @@ def _inpainting_folder(root: Path) -> Path:
     import diffusers
 
     import diffrt
-    from diffrt.presets import PRESETS
+    from diffrt.models.presets import PRESETS
 
     tiny = diffrt.load("tiny", device="cpu").components
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ def digest(images: np.ndarray) -> str:
 
 
 def environment() -> dict:
-    from diffrt.results import cpu_model
+    from diffrt.core.results import cpu_model
 
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu": cpu_model()}  # fmt: skip

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import diffrt
-from diffrt import checks, lora
-from diffrt.pipeline import Cancelled
+from diffrt.core import checks
+from diffrt.models import lora
+from diffrt.pipeline.pipe import Cancelled
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def test_sixteen_bit_and_float_pictures_keep_their_range():
     """A 16-bit grey ramp used to be clipped to 8 bits by PIL's RGB conversion (150 levels became 0 and 255)."""
     from PIL import Image
 
-    from diffrt.control import canny
-    from diffrt.images import image_tensor, to_tensor
+    from diffrt.core.images import image_tensor, to_tensor
+    from diffrt.models.control import canny
 
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     wide = to_tensor(Image.fromarray(ramp), "image")
@@ -179,7 +180,7 @@ def test_temporaries_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from diffrt.files import TEMP_PREFIX, clean_leftovers, temp_prefix
+    from diffrt.core.files import TEMP_PREFIX, clean_leftovers, temp_prefix
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / f"{TEMP_PREFIX}{dead.stdout.strip()}-compiling-abc").mkdir()  # a killed AOT compile's scratch

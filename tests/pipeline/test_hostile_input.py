@@ -154,7 +154,7 @@ def test_malformed_files_name_the_file(tmp_path, tiny_folder):
 
 
 def test_malformed_result_files_name_the_file(tmp_path):
-    from diffrt.results import SCHEMA
+    from diffrt.core.results import SCHEMA
 
     files = {
         "list.json": [1, 2],
@@ -198,7 +198,7 @@ def test_missing_optional_packages_say_what_to_install(tmp_path, argv, blocked, 
 def test_every_extra_named_exists_in_pyproject():
     import tomllib
 
-    from diffrt.optional import EXTRAS
+    from diffrt.core.optional import EXTRAS
 
     extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     named = {v[len("diffrt[") : -1] for v in EXTRAS.values() if v.startswith("diffrt[")}
@@ -224,7 +224,7 @@ def test_cryptic_failures_are_said_plainly(tmp_path, args, fragments):
 
 # 7. integrity of the shipped weights ---------------------------------------------------------------------------
 def test_a_flipped_byte_in_an_embedded_model_is_refused(tmp_path):
-    from diffrt import embedded
+    from diffrt.models import embedded
 
     root = tmp_path / "models"
     for name in ("fashion", embedded.VAE_NAME):
@@ -243,7 +243,8 @@ def test_a_flipped_byte_in_an_embedded_model_is_refused(tmp_path):
 
 
 def test_every_shipped_folder_has_checksums_that_match():
-    from diffrt import checksums, embedded
+    from diffrt.core import checksums
+    from diffrt.models import embedded
 
     for name in (*embedded.NAMES, embedded.VAE_NAME, embedded.CLASSIFIER_NAME):
         checksums.verify(embedded.MODELS_DIR / name)
@@ -251,8 +252,8 @@ def test_every_shipped_folder_has_checksums_that_match():
 
 # friction: version, help, grid ----------------------------------------------------------------------------------
 def test_version_help_and_grid(tmp_path):
-    from diffrt import defaults
-    from diffrt.version import __version__
+    from diffrt.core import defaults
+    from diffrt.core.version import __version__
 
     version = subprocess.run([sys.executable, "-m", "diffrt.cli", "--version"], capture_output=True, text=True)
     assert version.stdout.strip() == f"diffrt {__version__}"

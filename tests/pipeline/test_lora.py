@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import diffrt
-from diffrt import lora
+from diffrt.models import lora
 
 peft = pytest.importorskip("peft")
 
@@ -128,7 +128,7 @@ def test_sdxl_kohya_and_peft_match_diffusers(tiny_sdxl_folder, tmp_path):
 
 
 def test_fashion_lora_matches_diffusers(tmp_path):
-    from diffrt import embedded
+    from diffrt.models import embedded
 
     folder = embedded.materialize("fashion", tmp_path / "fashion")
     ours = diffrt.load("fashion", device="cpu", dtype=torch.float32)
@@ -150,7 +150,7 @@ def test_switching_equals_a_fresh_load_and_unloading_restores_bit_for_bit(tiny, 
                                                                          caplog, tmp_path):  # fmt: skip
     """``in_a_file``: the weights as loaded kept in a mapped file, as when a copy would not fit in memory (SDXL in
     float32 on 24 GB); restoring from it is as exact."""
-    caplog.set_level(logging.INFO, logger="diffrt.lora")
+    caplog.set_level(logging.INFO, logger="diffrt.models.lora")
     monkeypatch.setattr(lora, "fits_in_memory", lambda size, device: not in_a_file)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ours = diffrt.load("tiny", device="cpu")
@@ -238,7 +238,7 @@ def test_bad_files_fail_clearly_and_change_nothing(tiny, tiny_loras, tmp_path, c
     stray = {"unet.no_such_block.to_q.lora_A.weight": torch.ones(2, 16),
              "unet.no_such_block.to_q.lora_B.weight": torch.ones(16, 2)}  # fmt: skip
     save_file({**good, **stray}, str(tmp_path / "some.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="diffrt.lora"):
+    with caplog.at_level(logging.WARNING, logger="diffrt.models.lora"):
         pipe.load_lora(tmp_path / "some.safetensors", name="some")
     assert "2 keys adapt no layer" in caplog.text and "no_such_block" in caplog.text
     changed = _weights(pipe)
@@ -252,7 +252,7 @@ def test_bad_files_fail_clearly_and_change_nothing(tiny, tiny_loras, tmp_path, c
 
 
 def test_deployed_exports_refuse_loras_clearly(tiny_loras):
-    from diffrt.components import Components
+    from diffrt.models.components import Components
 
     parts = Components("x", "sd", None, None, [], [], None, deployed={"kind": "onnx"})
     with pytest.raises(ValueError, match="deployed export holds no torch weights"):
@@ -282,10 +282,10 @@ def test_lora_spec_parsing(tmp_path):
 
 
 def test_a_captured_loop_replays_switched_weights_without_recapture(tiny_loras):
-    """The capture path on the CPU (diffrt.graphs.ReplayEmulation): a switch writes into the parameters' own
+    """The capture path on the CPU (diffrt.backends.graphs.ReplayEmulation): a switch writes into the parameters' own
     storage (the pointers a CUDA graph holds stay valid) and leaves the graph key alone, so the loop captured
     before the switch replays it and equals a freshly loaded pipeline with that adapter."""
-    from diffrt.graphs import LoopGraphCache, ReplayEmulation
+    from diffrt.backends.graphs import LoopGraphCache, ReplayEmulation
 
     kw = dict(steps=3, guidance=5.0, height=32, width=32, output_type="latent", progress=False)
     pipe = diffrt.load("tiny", device="cpu", loras={tiny_loras["peft_a"]: 1.0})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from diffrt import memory
+from diffrt.core import memory
 
 HERE = Path(__file__).parent
 

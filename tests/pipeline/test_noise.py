@@ -5,7 +5,7 @@ import logging
 import subprocess
 import sys
 
-from diffrt.timing import ProgressLines, StageTimes
+from diffrt.pipeline.timing import ProgressLines, StageTimes
 
 
 def test_stage_times_list_a_few_calls_and_summarise_many():

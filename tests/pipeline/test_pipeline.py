@@ -152,7 +152,7 @@ def test_long_prompt_is_truncated_with_a_warning(tiny, caplog):
 
 
 def test_fp16_vae_falls_back_to_float32_on_overflow(tiny):
-    from diffrt.pipeline import Pipeline
+    from diffrt.pipeline.pipe import Pipeline
 
     class Overflowing:
         name = "fake"
@@ -175,7 +175,7 @@ def test_fp16_vae_falls_back_to_float32_on_overflow(tiny):
 def test_guidance_embedding_matches_diffusers_lcm_pipeline():
     from diffusers import LatentConsistencyModelPipeline
 
-    from diffrt.pipeline import guidance_embedding
+    from diffrt.models.families.base import guidance_embedding
 
     for dim in (256, 7):
         ours = guidance_embedding(8.5, dim, torch.zeros(1))
@@ -199,9 +199,9 @@ def test_nine_channel_inpainting_unet_gets_mask_and_masked_image(tiny):
     import diffusers
 
     from diffrt.backends.torch_backend import TorchBackend
-    from diffrt.loading import Components
-    from diffrt.pipeline import Pipeline
-    from diffrt.presets import PRESETS
+    from diffrt.models.components import Components
+    from diffrt.models.presets import PRESETS
+    from diffrt.pipeline.pipe import Pipeline
 
     c = tiny.components
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffrt.presets import PRESETS, names
+from diffrt.models.presets import PRESETS, names
 
 # Parameter counts of the published checkpoints (U-Net, VAE, text encoders).
 PUBLISHED = {
@@ -53,8 +53,8 @@ def test_loaded_preset_is_marked_random(tiny, caplog):
 
 
 def test_building_a_preset_leaves_the_callers_random_state_alone():
-    from diffrt import presets
-    from diffrt.fingerprint import weights_digest
+    from diffrt.core.fingerprint import weights_digest
+    from diffrt.models import presets
 
     torch.manual_seed(1234)
     before = torch.random.get_rng_state()
@@ -67,7 +67,7 @@ def test_building_a_preset_leaves_the_callers_random_state_alone():
 def test_reduced_depth_variants_keep_the_widths_and_say_so():
     """flux-dev:blocks=2,2 keeps FLUX.1-dev's widths, heads, head dims and T5 length with 2 + 2 of its 19 + 38
     blocks (counted on the meta device); the name carries the variant into every output."""
-    from diffrt import presets
+    from diffrt.models import presets
 
     full, reduced = presets.resolve("flux-dev"), presets.resolve("flux-dev:blocks=2,2:text_blocks=2")
     assert reduced.name == "flux-dev:blocks=2,2:text_blocks=2" and reduced.notes.startswith("REDUCED DEPTH")

@@ -1,4 +1,4 @@
-"""Step caching (diffrt.step_cache): the config and its schedule, DeepCache's and the first-block cache's passes
+"""Step caching (diffrt.core.step_cache): the config and its schedule, DeepCache's and the first-block cache's passes
 against the models' own forward, the pipeline under a cache (tally, parity at the no-skip settings, capture
 replay), and the bad input each refuses."""
 
@@ -10,12 +10,12 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import diffrt
-from diffrt import step_cache
+from diffrt.backends.graphs import LoopGraphCache, ReplayEmulation
 from diffrt.cli import main
-from diffrt.families import unet_cache
-from diffrt.families.base import UNetGraph
-from diffrt.graphs import LoopGraphCache, ReplayEmulation
-from diffrt.step_cache import CacheConfig, parse
+from diffrt.core import step_cache
+from diffrt.core.step_cache import CacheConfig, parse
+from diffrt.models.families import unet_cache
+from diffrt.models.families.base import UNetGraph
 
 SMALL = dict(height=32, width=32, output_type="latent", progress=False)
 

@@ -13,8 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffrt.bench.gmm import GaussianMixture, gmm_2d, gmm_64d
+from diffrt.core.schedules import ve_grid
 from diffrt.samplers import available, sample
-from diffrt.schedules import ve_grid
 
 # 5 standard errors: the chance that sampling noise alone breaks one bound is ~6e-7.
 Z = 5.0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffrt.denoisers import (
+from diffrt.core.denoisers import (
     consistency_denoiser,
     eps_denoiser,
     flow_denoiser,

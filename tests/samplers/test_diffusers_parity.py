@@ -5,7 +5,7 @@ import diffusers
 import pytest
 import torch
 
-from diffrt.denoisers import consistency_denoiser, prediction_denoiser
+from diffrt.core.denoisers import consistency_denoiser, prediction_denoiser
 from diffrt.samplers import from_diffusers, sample
 
 from .toy import toy_model

@@ -7,8 +7,8 @@ pulls a CUDA build of torch), so these tests skip there; they run wherever k-dif
 import pytest
 import torch
 
+from diffrt.core.schedules import ve_grid
 from diffrt.samplers import sample
-from diffrt.schedules import ve_grid
 
 from .toy import toy_model
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from diffrt.core.schedules import Grid, VPSchedule, flow_grid, vp_grid
 from diffrt.samplers import available, prepare, run, sample
-from diffrt.schedules import Grid, VPSchedule, flow_grid, vp_grid
 
 REQUIRED = {"euler", "euler_ancestral", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde",
             "dpmpp_2s", "unipc", "lcm"}

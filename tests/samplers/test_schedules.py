@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrt.schedules import Grid, VPSchedule, flow_grid, ve_grid, vp_grid, vp_timesteps
+from diffrt.core.schedules import Grid, VPSchedule, flow_grid, ve_grid, vp_grid, vp_timesteps
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 

@@ -165,7 +165,7 @@ def test_rows_the_pipeline_refuses_are_reported_and_left_out(ray_cluster, tmp_pa
 
 def test_bench_fid_draws_its_samples_through_diffrt_batch(ray_cluster, tmp_path, capsys):
     from diffrt.cli import main
-    from diffrt.results import read_result
+    from diffrt.core.results import read_result
 
     baseline, samples = tmp_path / "baseline.json", tmp_path / "samples"
     common = ["bench", "fid", "--model", MODEL, "--samples", "20", "--baseline", str(baseline)]

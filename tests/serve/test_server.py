@@ -98,7 +98,7 @@ def replica_threads():
 
 
 def library_pngs(library, prompt, seed, n=1, **options) -> list[bytes]:
-    from diffrt.outputs import encode
+    from diffrt.pipeline.outputs import encode
 
     with replica_threads():
         return [encode(image) for image in library(prompt, seed=seed, num_images=n, **options)]
@@ -260,7 +260,7 @@ def test_the_page_generates_an_image_in_headless_chromium(server, tmp_path):
 
 def test_bench_serve_runs_the_three_scenarios(server, tmp_path):
     from diffrt.cli import main
-    from diffrt.results import read_result
+    from diffrt.core.results import read_result
 
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--url", server["url"] + "/", "--count", "6", "--concurrency", "3",

@@ -199,7 +199,7 @@ def test_encoder_is_frozen_minilm_with_short_padding(minilm):
 
 
 def test_caption_embeddings_are_what_the_pipeline_computes(minilm):
-    from diffrt.text import tokenize
+    from diffrt.core.text import tokenize
     from diffrt.train import text
 
     encoder, tokenizer = minilm

@@ -19,7 +19,7 @@ def test_skipping_schedule_is_lcm_schedulers_origin_schedule():
 def test_guidance_embedding_matches_the_pipelines_and_diffusers():
     from diffusers import LatentConsistencyModelPipeline
 
-    from diffrt.pipeline import guidance_embedding
+    from diffrt.models.families.base import guidance_embedding
 
     scales = torch.tensor([1.0, 2.5, 8.0])
     batched = lcm.guidance_embedding(scales, 128)

@@ -4,7 +4,7 @@ as a complete diffusers folder (the smoke-run models stand in for the real ones)
 import pytest
 import torch
 
-from diffrt import embedded
+from diffrt.models import embedded
 
 from .conftest import needs_dataset
 
@@ -23,7 +23,7 @@ def test_shipped_folders_hold_only_their_own_parts_in_float16(root):
     assert embedded.shipped(root) == ["fashion", "fashion-lcm"]
     assert sorted(p.name for p in (root / "fashion").iterdir()) == [
         "README.md", "checksums.json", "diffrt.json", "scheduler", "train.json", "unet"]  # fmt: skip
-    from diffrt import checksums
+    from diffrt.core import checksums
 
     for name in ("fashion", "fashion-lcm", embedded.VAE_NAME):  # ship wrote the sums of what it shipped
         checksums.verify(root / name)
@@ -36,7 +36,7 @@ def test_shipped_folders_hold_only_their_own_parts_in_float16(root):
 
 def test_embedded_model_generates_like_its_training_folder(root, eps_run):
     import diffrt
-    from diffrt.loading import load_components
+    from diffrt.models.loading import load_components
 
     shipped = embedded.load("fashion", root=root)
     original = load_components(eps_run.folder, dtype=torch.float32)
@@ -50,7 +50,7 @@ def test_embedded_model_generates_like_its_training_folder(root, eps_run):
 
 def pipeline_of(components):
     from diffrt import backends
-    from diffrt.pipeline import Pipeline
+    from diffrt.pipeline.pipe import Pipeline
 
     cpu = torch.device("cpu")
     return Pipeline(components, backends.create("torch", components, cpu, torch.float32), cpu, torch.float32)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import diffrt
+from diffrt.models.fashion import classifier as fashion_classifier
 from diffrt.train import data, models
 
 from .conftest import IMAGES, assert_loss_falls, needs_dataset, smoke
@@ -73,7 +74,7 @@ def test_dit_loss_falls_and_folder_generates(dit_run):
     # the grid at the trained size has no shift (mu = 0), as the scheduler's config sets it
     from diffrt.samplers import from_diffusers
 
-    _, grid, _ = from_diffusers(c.scheduler, 4, **pipe.family.timestep_options(c, c.scheduler, 4, 32, 32))
+    _, grid, _ = from_diffusers(c.scheduler, 4, **pipe.model.timestep_options(c.scheduler, 4, 32, 32))
     assert grid.sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
 
 
@@ -159,14 +160,13 @@ def test_unet_config_missing_a_field_gives_a_clear_error(eps_run, tmp_path):
 
 
 def test_classifier_loss_falls_and_reference_matches(tmp_path):
-    from diffrt.bench import quality
     from diffrt.train import ClassifierSettings, train_classifier
 
     settings = smoke(ClassifierSettings(), lr=3e-3, kid_rows=100)
     result = train_classifier(tmp_path / "classifier", settings, progress=False)
     assert_loss_falls(result.losses)
-    model = quality.load_classifier(result.folder)
-    reference = quality.load_reference(result.folder / quality.REFERENCE_FILE, classifier=model)
+    model = fashion_classifier.load_classifier(result.folder)
+    reference = fashion_classifier.load_reference(result.folder / fashion_classifier.REFERENCE_FILE, classifier=model)
     assert int(reference["fid_n"]) == IMAGES and reference["kid_features"].shape == (100, 16)
     assert 0 <= result.metrics["test_accuracy"] <= 1
     config = json.loads((result.folder / "config.json").read_text())
@@ -213,9 +213,9 @@ def test_evaluate_pipeline_scores_a_model(eps_run):
     from diffrt.bench import quality
 
     torch.manual_seed(0)
-    classifier = quality.FashionClassifier(widths=(8, 8, 8), num_features=8).eval()
+    classifier = fashion_classifier.FashionClassifier(widths=(8, 8, 8), num_features=8).eval()
     real = data.to_unit(data.load_split("test", limit=40).images)
-    reference = quality.reference_statistics(classifier, real, kid_rows=40)
+    reference = fashion_classifier.reference_statistics(classifier, real, kid_rows=40)
     pipe = diffrt.load(eps_run.folder, device="cpu")
     scores = quality.evaluate_pipeline(pipe, per_class=1, prompts="held_out", classifier=classifier,
                                        reference=reference, steps=2, batch_size=4)  # fmt: skip
