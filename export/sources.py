@@ -1,8 +1,6 @@
-"""Artifact sources for the exported-graph backends (:class:`diffrt.models.artifacts.ArtifactSource`): the export
-cache, which exports or builds on first use, in front of an optional folder made beforehand.
-
-``diffrt.load(..., backend="onnxruntime" | "tensorrt")`` creates one from the backend's artifact options, so
-the runtime's backends run artifacts without importing the exporter.
+"""Artifact sources for the exported-graph backends: the export cache, which exports or builds on first use, in
+front of an optional folder made beforehand. An artifact source's ``folder(precision, graphs)`` returns a
+verified ``(path, manifest)``; the onnxruntime and tensorrt backends build theirs from their options.
 """
 
 from __future__ import annotations

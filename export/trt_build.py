@@ -28,10 +28,7 @@ from ..models.artifacts import file_record
 from . import cache
 from .onnx_export import ExportError, ensure_onnx, export_onnx, open_export
 from .specs import ShapeRanges, graph_names, graph_profile, graph_specs, input_profile_shapes
-from .tensorrt import (
-    check_precision,
-    import_tensorrt,
-)
+from .tensorrt import check_precision, import_tensorrt
 
 log = logging.getLogger(__name__)
 

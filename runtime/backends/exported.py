@@ -158,9 +158,10 @@ def _content_key(array) -> tuple:
     return array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).digest()
 
 
-def artifact_source(components, kind: str, options: dict):
+def artifact_source(components, options: dict):
     """A deployed folder's own graphs (verified at load), or None: the backend then exports through the cache.
-    The options that say where graphs come from belong to the folder then, so none may be given."""
+    The options that say where graphs come from belong to the folder then, so none may be given (``cache_dir``
+    is not one of those: a deployed folder needs no cache, so it is left unused)."""
     if not components.deployed:
         return None
     given = sorted(set(options) - {"cache_dir"})

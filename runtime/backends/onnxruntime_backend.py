@@ -12,7 +12,7 @@ buffers (IO binding), so latents never leave the GPU.
 
 Options (``diffrt.load(..., backend="onnxruntime", **options)``): providers, provider_options, precision
 ("fp32"/"fp16"; default from dtype), threads, cache_dir; and where the graphs come from: onnx_dir, opset,
-exporter (:data:`SOURCE_OPTIONS`).
+exporter (:data:`SOURCE_OPTIONS`; cache_dir serves both).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutio
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _DTYPE_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
-SOURCE_OPTIONS = ("cache_dir", "onnx_dir", "opset", "exporter")  # where the graphs come from (OnnxSource's)
-OPTIONS = ("providers", "precision", "threads", "provider_options", *SOURCE_OPTIONS)
+SOURCE_OPTIONS = ("onnx_dir", "opset", "exporter")  # where the graphs come from (OnnxSource's, with cache_dir)
+OPTIONS = ("providers", "precision", "threads", "provider_options", "cache_dir", *SOURCE_OPTIONS)
 
 
 def is_available() -> tuple[bool, str]:
@@ -305,7 +305,6 @@ def create(components, device, dtype, **options) -> OnnxRuntimeBackend:
     """The backend over the model's ONNX graphs: a deployed folder's own, else exported through the cache."""
     from ..export.sources import OnnxSource
 
-    source = {k: options.pop(k) for k in SOURCE_OPTIONS[1:] if k in options}
-    source = artifact_source(components, "onnx", source) or OnnxSource(
-        components, cache_dir=options.get("cache_dir"), **source)
+    given = {k: options.pop(k) for k in SOURCE_OPTIONS if k in options}
+    source = artifact_source(components, given) or OnnxSource(components, cache_dir=options.get("cache_dir"), **given)
     return OnnxRuntimeBackend(components, device, dtype, artifacts=source, **options)

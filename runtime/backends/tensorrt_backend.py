@@ -122,8 +122,6 @@ class TensorRTBackend(ExportedBackend):
 
     def __init__(self, components, device: torch.device, dtype: torch.dtype, *, artifacts, precision=None,
                  cuda_graphs=False, max_graphs=4):  # fmt: skip
-        if device.type != "cuda":
-            raise ValueError(f"the tensorrt backend runs on a CUDA GPU: load with device='cuda', not {str(device)!r}")
         self.trt = import_tensorrt()
         precision = check_precision(precision or _DTYPE_PRECISION[dtype])
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
@@ -175,6 +173,6 @@ def create(components, device, dtype, **options) -> TensorRTBackend:
 
     if device.type != "cuda":
         raise ValueError(f"the tensorrt backend runs on a CUDA GPU: load with device='cuda', not {str(device)!r}")
-    source = {k: options.pop(k) for k in SOURCE_OPTIONS if k in options}
-    source = artifact_source(components, "tensorrt", source) or EngineSource(components, device, **source)
+    given = {k: options.pop(k) for k in SOURCE_OPTIONS if k in options}
+    source = artifact_source(components, given) or EngineSource(components, device, **given)
     return TensorRTBackend(components, device, dtype, artifacts=source, **options)

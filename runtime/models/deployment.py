@@ -182,10 +182,6 @@ def export_manifest(path) -> dict | None:
     return manifest if manifest is not None and manifest.get("kind") in artifacts.KINDS else None
 
 
-def is_deployment(path) -> bool:
-    """Whether ``path`` is an export folder (it has a diffrt manifest), deployable or not."""
-    return export_manifest(path) is not None
-
 
 def open_deployment(folder) -> tuple[dict, dict]:
     """(manifest, deployment.json) of an export folder, every file verified before anything is read."""

@@ -27,11 +27,6 @@ class Source:
     dtype: str | None = None
 
 
-def is_named(source) -> bool:
-    """Whether ``source`` names an embedded model or a preset (names win over folders of that name)."""
-    return isinstance(source, str) and (source in embedded.NAMES or presets.is_preset(source))
-
-
 def resolve(source: str | os.PathLike | Source) -> Source:
     """What ``source`` names, with all that can be refused before weights are read: an unknown name or preset
     option, a path that is not there, a folder that is no diffusers folder (or export) of a family diffrt runs.

@@ -136,7 +136,7 @@ class Family:
     text_encoder_parts: tuple[str, ...]  # folder names of the text encoders, in conditioning order
     index_extras: dict  # other model_index.json entries that pipeline class expects
     penultimate_hidden: bool = False  # condition on the penultimate layer's hidden states (SDXL)
-    denoiser_part: str = "unet"  # the denoiser's folder and graph name
+    denoiser_part: str = ""  # the denoiser's folder and graph name ("unet", "transformer")
     denoiser_classes: tuple[str, ...] = ()
     optional_parts: tuple[str, ...] = ()  # text encoders a folder may leave out (SD3's T5)
     onnx_exporter: str = "torchscript"  # torch.onnx's exporter that keeps this family's graphs dynamic
@@ -358,6 +358,7 @@ class UNetFamily(Family):
     """A family with a ``UNet2DConditionModel`` denoiser (SD 1.x/2.x, SDXL, the embedded U-Net models), which
     takes ControlNets and DeepCache."""
 
+    denoiser_part: str = "unet"
     denoiser_classes: tuple[str, ...] = ("UNet2DConditionModel",)
     controlnet_classes: tuple[str, ...] = unet_control.CLASSES
 
